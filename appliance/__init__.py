@@ -1,0 +1,7 @@
+"""appliance: a systemd-native, config-driven pre-fork server for Python ASGI and WSGI apps."""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The master: pure decisions (:mod:`.policy`) and the effects that carry them out (:mod:`.runtime`)."""

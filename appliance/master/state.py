@@ -1,0 +1,133 @@
+"""The master's state: frozen records the policy replaces, never mutates.
+
+Puma's split, in data: a :class:`Worker` is the master's *handle* on a child (what it knows and
+when it expects to hear from it); the child's own code lives in :mod:`appliance.worker`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from appliance.master.events import Generation
+
+__all__ = [
+    "Cause",
+    "LastReload",
+    "MasterState",
+    "Phase",
+    "ReloadRun",
+    "SlotHealth",
+    "WState",
+    "Worker",
+]
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RELOADING = "reloading"
+    STOPPING = "stopping"
+
+
+class WState(StrEnum):
+    """A worker's life as the master sees it."""
+
+    SPAWNING = "spawning"  # fork asked for, pid not known yet
+    BOOTING = "booting"  # forked, importing the app / starting the engine
+    READY = "ready"  # accepting; heartbeats expected
+    HUNG = "hung"  # heartbeats stopped: stack dump asked for, SIGKILL next
+    DRAINING = "draining"  # SIGTERM sent: finishing in-flight requests
+    KILLED = "killed"  # SIGKILL sent: waiting to reap
+
+
+class Cause(StrEnum):
+    """Why the master signalled a worker; decides whether its exit counts as a failure."""
+
+    DRAIN = "replaced"
+    RETIRE = "recycled"
+    SCALE = "scaled down"
+    STOP = "stopping"
+    SUPERSEDED = "superseded by a newer reload"
+    ABORT = "reload aborted"
+    BOOT_TIMEOUT = "boot timeout"
+    HUNG = "heartbeat timeout"
+
+
+EXPECTED_CAUSES = frozenset(
+    {Cause.DRAIN, Cause.RETIRE, Cause.SCALE, Cause.STOP, Cause.SUPERSEDED, Cause.ABORT}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    key: int
+    slot: int
+    generation: int
+    state: WState
+    spawned_at: float
+    boot_timeout_s: float
+    heartbeat_timeout_s: float
+    graceful_timeout_s: float
+    max_requests: int = 0
+    max_rss_mb: int = 0
+    pid: int | None = None
+    ready_at: float | None = None
+    last_seen: float | None = None
+    signalled_at: float | None = None
+    cause: Cause | None = None
+    retire: str | None = None
+    boot_error: str | None = None
+    requests: int = 0
+    in_flight: int = 0
+    rss_mb: float = 0.0
+
+    @property
+    def live(self) -> bool:
+        """Counted as serving capacity (not on its way out)."""
+        return self.state in (WState.SPAWNING, WState.BOOTING, WState.READY, WState.HUNG)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotHealth:
+    """Recent failures of one pool slot, for the respawn backoff."""
+
+    failures: int = 0
+    next_spawn_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadRun:
+    request_ids: tuple[int, ...]
+    generation: int
+    previous: Generation
+    started_at: float
+    replaced: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LastReload:
+    ok: bool
+    generation: int
+    message: str
+    finished_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MasterState:
+    phase: Phase
+    current: Generation
+    target: int
+    workers: tuple[Worker, ...] = ()
+    slots: tuple[tuple[int, SlotHealth], ...] = ()
+    next_key: int = 1
+    next_generation: int = 2
+    reload: ReloadRun | None = None
+    last_reload: LastReload | None = None
+    status_text: str = ""
+    ready_sent: bool = False
+    watchdog_interval_s: float | None = None
+    watchdog_next: float = 0.0
+    started_at: float = 0.0
+    stop_started_at: float | None = None
+    exit_code: int | None = None

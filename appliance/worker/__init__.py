@@ -1,0 +1,1 @@
+"""The child side of the pool: what runs in a worker after ``fork()``."""
