@@ -248,7 +248,9 @@ class ControlConn:
 def _peer_cred(sock: socket.socket) -> PeerCred | None:
     size = struct.calcsize("3i")
     try:
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
+        pid, uid, gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size)
+        )
     except OSError:
         return None
     return PeerCred(pid=pid, uid=uid, gid=gid)
@@ -273,7 +275,9 @@ class ControlServer:
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise ControlError(f"control socket {path}: cannot create {parent}: {exc.strerror}") from exc
+            raise ControlError(
+                f"control socket {path}: cannot create {parent}: {exc.strerror}"
+            ) from exc
         try:
             remove_stale_socket(path)
         except FileExistsError as exc:
@@ -355,7 +359,9 @@ class ControlClient:
             raise ControlUnavailable(f"connecting to {self.path} timed out") from exc
         except OSError as exc:
             sock.close()
-            raise ControlUnavailable(f"cannot connect to {self.path}: {exc.strerror or exc}") from exc
+            raise ControlUnavailable(
+                f"cannot connect to {self.path}: {exc.strerror or exc}"
+            ) from exc
         return sock
 
     def stream(self, cmd: str, **args: Any) -> Iterator[dict[str, Any]]:
@@ -497,7 +503,9 @@ def format_status(status: Mapping[str, Any], *, now: float | None = None) -> str
                 continue
             rows.append(
                 [
-                    _human_duration(worker.get("uptime_s")) if key == "uptime_s" else _cell(worker.get(key))
+                    _human_duration(worker.get("uptime_s"))
+                    if key == "uptime_s"
+                    else _cell(worker.get(key))
                     for _title, key in _COLUMNS
                 ]
             )
@@ -509,12 +517,12 @@ def format_status(status: Mapping[str, Any], *, now: float | None = None) -> str
     widths = [max(len(titles[i]), *(len(row[i]) for row in rows)) for i in range(len(titles))]
     numeric = {"id", "pid", "generation", "uptime_s", "requests", "in_flight", "rss_mb"}
 
-    def fmt(cells: list[str], align_numbers: bool) -> str:
+    def fmt(cells: list[str]) -> str:
         out = []
         for (_, key), cell, w in zip(_COLUMNS, cells, widths, strict=True):
-            out.append(cell.rjust(w) if align_numbers and key in numeric else cell.ljust(w))
+            out.append(cell.rjust(w) if key in numeric else cell.ljust(w))
         return "  ".join(out).rstrip()
 
-    lines.append(fmt(titles, align_numbers=True))
-    lines.extend(fmt(row, align_numbers=True) for row in rows)
+    lines.append(fmt(titles))
+    lines.extend(fmt(row) for row in rows)
     return "\n".join(lines)

@@ -43,7 +43,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
@@ -109,10 +109,10 @@ def _exc_info(value: object) -> _ExcInfo | None:
     if isinstance(value, BaseException):
         return (type(value), value, value.__traceback__)
     if isinstance(value, tuple) and len(value) == 3 and value[0] is not None:
-        return value  # type: ignore[return-value]
+        return value
     if value is True:
         info = sys.exc_info()
-        return info if info[0] is not None else None  # type: ignore[return-value]
+        return info if info[0] is not None else None
     return None
 
 
@@ -449,7 +449,7 @@ def configure_logging(
     *journal* injects the sender (tests); otherwise one is created and owned here, and closed
     by the next call.
     """
-    global _active  # noqa: PLW0603  # the one swap point, see the module docstring
+    global _active  # the one swap point, see the module docstring
     key = level.lower()
     if key not in LEVELS:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
@@ -498,7 +498,7 @@ def configure_logging(
 def reset_logging() -> None:
     """Back to the import-time defaults (JSON on stderr at info, no stdlib bridge, no bound
     context). For tests, and for code that hands the process's logging to someone else."""
-    global _active  # noqa: PLW0603
+    global _active
     previous, _active = _active, _DEFAULT
     if previous.owned_journal is not None:
         previous.owned_journal.close()

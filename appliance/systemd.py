@@ -17,7 +17,7 @@ import socket
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
-import sdnotify
+import sdnotify  # type: ignore[import-untyped]  # ships no stubs or py.typed
 
 __all__ = [
     "CHILD_ENV_VARS",
@@ -148,7 +148,9 @@ def claim_listeners(wanted_names: Sequence[str], fds: ListenFds) -> dict[str, li
         elif name in available:
             claimed[name] = list(available[name])
         else:
-            problems.append(f'config [[listen]] name "{name}" was not passed by systemd ({env_text})')
+            problems.append(
+                f'config [[listen]] name "{name}" was not passed by systemd ({env_text})'
+            )
     for fd, name in zip(fds.fds(), fds.names, strict=True):
         if name not in claimed:
             problems.append(f'fd {fd} named "{name}" is not claimed by any [[listen]] entry')
@@ -235,7 +237,7 @@ class _Transport(sdnotify.SystemdNotifier):  # type: ignore[misc]  # sdnotify is
     re-raises whatever happens (callers catch OSError only).
     """
 
-    def __init__(self, address: str | bytes) -> None:  # noqa: D107  # deliberately no super()
+    def __init__(self, address: str | bytes) -> None:  # deliberately no super().__init__()
         self.debug = True
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:

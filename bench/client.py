@@ -46,6 +46,7 @@ class Result:
     failures: Counter[str] = field(default_factory=Counter)
     pids: Counter[int] = field(default_factory=Counter)
     first_seen: dict[int, float] = field(default_factory=dict)
+    conn_pids: Counter[int] = field(default_factory=Counter)
     failure_times: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
 
@@ -56,6 +57,10 @@ class Result:
     def busiest_share(self) -> float | None:
         total = sum(self.pids.values())
         return max(self.pids.values()) / total if total else None
+
+    def busiest_conn_share(self) -> float | None:
+        total = sum(self.conn_pids.values())
+        return max(self.conn_pids.values()) / total if total else None
 
     def percentile(self, q: float) -> float | None:
         if not self.latencies:
@@ -77,6 +82,8 @@ class Result:
             "p99_ms": None if p99 is None else round(p99 * 1000, 3),
             "pids": {str(k): v for k, v in self.pids.most_common()},
             "busiest_share": self.busiest_share(),
+            "conn_pids": {str(k): v for k, v in self.conn_pids.most_common()},
+            "busiest_conn_share": self.busiest_conn_share(),
             "first_seen": {str(k): v for k, v in self.first_seen.items()},
             "failure_times": self.failure_times[:10000],
         }
@@ -169,7 +176,7 @@ class _Load:
             self.remaining -= 1
         return True
 
-    def _record_ok(self, body: bytes, t0: float) -> None:
+    def _record_ok(self, body: bytes, t0: float, first_on_conn: bool) -> None:
         now = time.monotonic()
         self.res.ok += 1
         self.res.latencies.append(now - t0)
@@ -178,6 +185,8 @@ class _Load:
             pid = int(m.group(1))
             self.res.pids[pid] += 1
             self.res.first_seen.setdefault(pid, now)
+            if first_on_conn:
+                self.res.conn_pids[pid] += 1
 
     async def _fail(self, kind: str) -> None:
         self.res.failures[kind] += 1
@@ -197,6 +206,7 @@ class _Load:
         keepalive = self.res.mode == "keepalive"
         while self._take():
             t0 = time.monotonic()
+            fresh = conn is None
             try:
                 if conn is None:
                     conn = await self._connect()
@@ -206,7 +216,7 @@ class _Load:
                     _read_response(reader), self.timeout_s)
                 if status != 200:
                     raise _Fail("non200")
-                self._record_ok(body, t0)
+                self._record_ok(body, t0, fresh)
                 if close or not keepalive:
                     writer.close()
                     conn = None

@@ -23,10 +23,12 @@ from bench.fairness.prefork import MECHS
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start(mech: str, workers: int, app: str, port: int) -> subprocess.Popen[str]:
+def start(mech: str, workers: int, app: str, port: int,
+          extra: list[str] | None = None) -> subprocess.Popen[str]:
+    base = mech.split("@")[0]
     p = subprocess.Popen(
-        [sys.executable, "-m", "bench.fairness.prefork", "--mech", mech, "--workers",
-         str(workers), "--app", app, "--port", str(port)],
+        [sys.executable, "-m", "bench.fairness.prefork", "--mech", base, "--workers",
+         str(workers), "--app", app, "--port", str(port)] + (extra or []),
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     line = p.stdout.readline()
@@ -45,31 +47,66 @@ def stop(p: subprocess.Popen[str]) -> None:
         p.wait()
 
 
-def measure(mech: str, workers: int, app: str, mode: str, concs: list[int], reps: int,
-            secs: float, port: int) -> list[dict]:
-    rows = []
-    p = start(mech, workers, app, port)
+def variant_args(mech: str) -> list[str]:
+    """``shm@5`` means the shm mechanism with --max-defer-ms 5."""
+    if "@" in mech:
+        return ["--max-defer-ms", mech.split("@")[1]]
+    return []
+
+
+def measure(configs: list[tuple[str, int]], app: str, mode: str, concs: list[int],
+            reps: int, secs: float, port0: int) -> list[dict]:
+    """Start every (mech, workers) server at once, then interleave runs round-robin so the
+    machine's noise spreads over all of them alike."""
+    procs = {}
+    runs: dict[tuple[str, int, int], list[dict]] = {}
     try:
-        for c in concs:
-            runs = [client.run(f"http://127.0.0.1:{port}/", c, secs, mode).to_dict()
-                    for _ in range(reps)]
-            rows.append({
-                "mech": mech, "workers": workers, "app": app, "mode": mode, "concurrency": c,
-                "rps": statistics.median(r["rps"] for r in runs),
-                "p99_ms": statistics.median(r["p99_ms"] or 0 for r in runs),
-                "busiest_share": statistics.median(r["busiest_share"] or 0 for r in runs),
-                "busiest_share_max": max(r["busiest_share"] or 0 for r in runs),
-                "failed": sum(r["failed"] for r in runs),
-                "runs": [{k: r[k] for k in ("rps", "p99_ms", "busiest_share", "failed", "pids")}
-                         for r in runs],
-            })
-            print(f"{mech:14} w={workers} {app} {mode:9} c={c:2} rps={rows[-1]['rps']:8.0f} "
-                  f"p99={rows[-1]['p99_ms']:7.2f}ms busiest={rows[-1]['busiest_share']:.0%} "
-                  f"(max {rows[-1]['busiest_share_max']:.0%}) failed={rows[-1]['failed']}",
-                  flush=True)
+        for i, (mech, w) in enumerate(configs):
+            procs[(mech, w)] = (start(mech, w, app, port0 + i, variant_args(mech)), port0 + i)
+        for rep in range(reps):
+            for c in concs:
+                for mech, w in configs:
+                    port = procs[(mech, w)][1]
+                    r = client.run(f"http://127.0.0.1:{port}/", c, secs, mode).to_dict()
+                    runs.setdefault((mech, w, c), []).append(r)
+            print(f"rep {rep + 1}/{reps} done", flush=True)
     finally:
-        stop(p)
+        for p, _ in procs.values():
+            stop(p)
+    rows = []
+    for (mech, w, c), rs in runs.items():
+        med = statistics.median
+        rows.append({
+            "mech": mech, "workers": w, "app": app, "mode": mode, "concurrency": c,
+            "rps": med(r["rps"] for r in rs),
+            "p99_ms": med(r["p99_ms"] or 0 for r in rs),
+            "busiest_share": med(r["busiest_share"] or 0 for r in rs),
+            "busiest_share_max": max(r["busiest_share"] or 0 for r in rs),
+            "busiest_conn_share": med(r["busiest_conn_share"] or 0 for r in rs),
+            "failed": sum(r["failed"] for r in rs),
+            "runs": [{k: r[k] for k in ("rps", "p99_ms", "busiest_share", "failed", "pids",
+                                        "conn_pids")} for r in rs],
+        })
+    base1 = {r["concurrency"]: r["rps"] for r in rows
+             if r["workers"] == 1 and r["mech"] == "baseline"}
+    for r in rows:
+        r["x_vs_1worker"] = round(r["rps"] / base1[r["concurrency"]], 2) \
+            if base1.get(r["concurrency"]) else None
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| mechanism | workers | app | mode | conc | req/s | x vs 1 worker | p99 ms "
+           "| busiest (req) | worst run | busiest (conns) | failed |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["app"], r["mode"], r["workers"], r["mech"],
+                                         r["concurrency"])):
+        out.append(f"| {r['mech']} | {r['workers']} | {r['app']} | {r['mode']} | "
+                   f"{r['concurrency']} | {r['rps']:.0f} | {r['x_vs_1worker']} | "
+                   f"{r['p99_ms']:.1f} | {r['busiest_share']:.0%} | "
+                   f"{r['busiest_share_max']:.0%} | {r['busiest_conn_share']:.0%} | "
+                   f"{r['failed']} |")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,18 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--secs", type=float, default=2.0)
     ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--one-worker", default="baseline,shm",
+    ap.add_argument("--one-worker", default="baseline",
                     help="mechanisms also measured with 1 worker (for the scaling ratio)")
     a = ap.parse_args(argv)
     concs = [int(c) for c in a.concs.split(",")]
     rows: list[dict] = []
+    configs = [(m, 1) for m in a.one_worker.split(",") if m] + \
+        [(m, 2) for m in a.mechs.split(",") if m]
     for app in a.apps.split(","):
         for mode in a.modes.split(","):
-            for mech in a.one_worker.split(","):
-                if mech:
-                    rows += measure(mech, 1, app, mode, concs, a.reps, a.secs, a.port)
-            for mech in a.mechs.split(","):
-                rows += measure(mech, 2, app, mode, concs, a.reps, a.secs, a.port)
+            rows += measure(configs, app, mode, concs, a.reps, a.secs, a.port)
+    print(table(rows))
     out = ROOT / "bench" / "results" / f"fairness-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"argv": sys.argv, "nproc": os.cpu_count(), "when": time.strftime("%F %T")}

@@ -11,8 +11,8 @@ import pytest
 
 from appliance.config.schema import ListenSettings
 from appliance.sockets import (
-    ListenError,
     Listener,
+    ListenError,
     adopt_listener,
     bind_listener,
     close_listeners,

@@ -74,7 +74,11 @@ def test_listen_fds_malformed(env: dict[str, str], needle: str) -> None:
 
 
 def _fds(names: str) -> ListenFds:
-    env = {"LISTEN_PID": str(PID), "LISTEN_FDS": str(len(names.split(":"))), "LISTEN_FDNAMES": names}
+    env = {
+        "LISTEN_PID": str(PID),
+        "LISTEN_FDS": str(len(names.split(":"))),
+        "LISTEN_FDNAMES": names,
+    }
     fds = ListenFds.from_environ(env, PID)
     assert fds is not None
     return fds
@@ -193,7 +197,9 @@ def test_notifier_sends_datagrams(notify_sock: tuple[str, socket.socket]) -> Non
     assert notifier.enabled
     assert notifier.address == path
     assert notifier.send(systemd.ready())
-    assert notifier.send(systemd.combine(systemd.status("1/2 workers ready ≥ ½"), systemd.watchdog()))
+    assert notifier.send(
+        systemd.combine(systemd.status("1/2 workers ready ≥ ½"), systemd.watchdog())
+    )
     assert server.recv(4096) == b"READY=1"
     assert server.recv(4096) == "STATUS=1/2 workers ready ≥ ½\nWATCHDOG=1".encode()
     notifier.close()
