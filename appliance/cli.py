@@ -151,10 +151,34 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _control_path(args: argparse.Namespace) -> str:
-    from appliance.config.schema import resolve_control_path
+    """Where the running master listens, even when the config on disk is now broken.
 
-    loaded = _load(args)
-    return resolve_control_path(loaded.settings, os.environ, os.getuid())
+    ``appliance reload`` must reach the master to be told *why* a new config is invalid, so a
+    config that does not validate is read leniently here: only ``control.path`` matters.
+    """
+    import tomllib
+
+    from appliance.config.load import ConfigError, config_files, load_config
+    from appliance.config.schema import Settings, resolve_control_path
+
+    path, explicit = _config_path(args)
+    try:
+        settings = load_config(path, explicit=explicit).settings
+    except ConfigError:
+        control_path = None
+        for file in (path, *config_files(path)):
+            try:
+                with open(file, "rb") as f:
+                    value = tomllib.load(f).get("control", {}).get("path")
+            except (OSError, tomllib.TOMLDecodeError, AttributeError):
+                continue
+            if isinstance(value, str):
+                control_path = value
+        try:
+            settings = Settings.model_validate({"control": {"path": control_path}})
+        except ValueError:
+            settings = Settings()
+    return resolve_control_path(settings, os.environ, os.getuid())
 
 
 def _client(args: argparse.Namespace, timeout: float) -> Any:

@@ -16,7 +16,7 @@ Protocol (stable; clients in the field depend on it):
 
       {"ok": true, "status": {...}}                  (status)
       {"ok": true, "reload": {...}}                  (reload, when it finished)
-      {"ok": true, "scale": {...}}                   (scale)
+      {"ok": true, "workers": 4}                     (scale: the new target pool size)
       {"ok": false, "error": "reason"}               (any command that failed)
 
 * Before its final reply a command may send any number of ``{"progress": {...}}`` lines

@@ -141,7 +141,7 @@ def serve(path: Path, *, explicit: bool) -> int:
             workers=new_target,
             sizing=new_reason,
         )
-        if new.settings.app.preload and plan.rolling:
+        if new.settings.app.preload and not plan.live_only:
             logger.warning(
                 "reload.preload_note",
                 message="app.preload is on: new workers run the app code the master imported "

@@ -49,7 +49,12 @@ class ReloadPlan:
 
     @property
     def live_only(self) -> bool:
-        return not self.rolling and not self.restart
+        """Only live settings changed: apply them and keep every worker.
+
+        An unchanged config is *not* live-only: a reload is also how new application code is
+        picked up (workers import the app afresh), so it rolls the pool.
+        """
+        return bool(self.live) and not self.rolling and not self.restart
 
     def restart_error(self) -> str:
         keys = ", ".join(self.restart)

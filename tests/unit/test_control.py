@@ -84,7 +84,7 @@ def default_handler(conn: ControlConn, request: Request) -> None:
             conn.send(progress_reply(replaced=n, of=2, generation=3))
         conn.send(ok_reply(reload={"generation": 3, "replaced": 2}))
     elif request.cmd == "scale":
-        conn.send(ok_reply(scale={"target": request.args["workers"]}))
+        conn.send(ok_reply(workers=request.args["workers"]))
 
 
 def step(
@@ -233,7 +233,7 @@ def test_scale_and_unknown_command_via_client(
     client = ControlClient(server.path, timeout=5)
     assert _run(server, pool, lambda: client.call("scale", workers=3)) == {
         "ok": True,
-        "scale": {"target": 3},
+        "workers": 3,
     }
     reply = _run(server, pool, lambda: client.call("nope"))
     assert reply["ok"] is False
