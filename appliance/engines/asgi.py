@@ -91,8 +91,8 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and not self.should_exit:
+            self._beat()  # first, so the master knows our RSS by the time we count as ready
             protocol.send(self._report_fd, "ready")
-            self._beat()
 
     def _beat(self) -> None:
         self._next_beat = asyncio.get_running_loop().time() + self._settings.heartbeat_interval_s

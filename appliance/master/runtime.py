@@ -122,8 +122,12 @@ class Master:
                     break
                 deadline = policy.next_deadline(self.state)
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                for key, _mask in self.selector.select(timeout):
-                    self._dispatch(key)
+                for key, mask in self.selector.select(timeout):
+                    if mask & selectors.EVENT_WRITE and isinstance(key.data, tuple):
+                        key.data[1].flush()
+                    if mask & selectors.EVENT_READ:
+                        self._dispatch(key)
+                self._update_conn_interest()
                 if not self.pending:
                     self.pending.append(Tick())
         finally:
@@ -245,6 +249,14 @@ class Master:
             self.conns[conn.fileno()] = conn
             self.selector.register(conn.fileno(), selectors.EVENT_READ, ("conn", conn))
 
+    def _update_conn_interest(self) -> None:
+        """Watch a control connection for writability only while replies are queued."""
+        for fd, conn in list(self.conns.items()):
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wants_write else 0)
+            key = self.selector.get_key(fd)
+            if key.events != events:
+                self.selector.modify(fd, events, key.data)
+
     def _drop_conn(self, conn: Any) -> None:
         fd = conn.fileno()
         if self.conns.pop(fd, None) is not None:
@@ -282,8 +294,6 @@ class Master:
                         continue
                     self.pending.append(ScaleRequested(self._request_id(), absolute=n))
                     conn.send({"ok": True, "workers": n})
-                case other:
-                    conn.send({"ok": False, "error": f"unknown command {other!r}"})
 
     def _request_id(self) -> int:
         rid = self.next_request

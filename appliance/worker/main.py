@@ -68,6 +68,7 @@ def run(spec: WorkerSpec) -> NoReturn:
             info.WorkerInfo(spec.worker_id, pid, spec.generation, spec.config_digest)
         )
         log.configure_logging(spec.log_level, spec.log_format)
+        log.clear_context()
         log.bind_context(worker_id=spec.worker_id, pid=pid, generation=spec.generation)
         logger = log.get_logger()
         if spec.preloaded_app is not None:
@@ -77,7 +78,7 @@ def run(spec: WorkerSpec) -> NoReturn:
                 app = import_app(spec.app_target, spec.app_directory)
             except AppImportError as exc:
                 protocol.send(spec.report_fd, "boot_error", error=str(exc))
-                logger.error("worker.import_failed", error=str(exc), traceback=traceback.format_exc())
+                logger.exception("worker.import_failed", error=str(exc))
                 os._exit(EXIT_BOOT_ERROR)
         from appliance.engines import asgi
 
@@ -94,7 +95,7 @@ def run(spec: WorkerSpec) -> NoReturn:
             protocol.send(spec.report_fd, "boot_error", error="the app's lifespan startup failed")
     except BaseException:  # noqa: BLE001 - the last line of defence before os._exit
         try:
-            log.get_logger().error("worker.crashed", traceback=traceback.format_exc())
+            log.get_logger().exception("worker.crashed")
         except BaseException:  # noqa: BLE001
             traceback.print_exc()
         code = EXIT_CRASH

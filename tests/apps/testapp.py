@@ -48,6 +48,9 @@ async def app(scope, receive, send):
         time.sleep(seconds)  # wedges the event loop on purpose
     elif path == "/crash":
         os._exit(7)
+    if path == "/env":
+        await _send(send, 200, {"env": sorted(os.environ)})
+        return
     me = current()
     await _send(
         send,

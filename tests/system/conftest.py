@@ -1,0 +1,103 @@
+"""Fixtures of the system tests: the .deb (built once per session) and test boxes (a real
+systemd booted as PID 1 in namespaces, see box.py).
+
+Skips, with the reason printed, when not root or when namespaces/overlayfs/cgroup2 are not
+usable here. APPLIANCE_REQUIRE_SYSTEM_TESTS=1 turns those skips into failures (for CI, where
+they must run). APPLIANCE_DEB=/path/to/appliance_X_arch.deb reuses a built package instead
+of running scripts/build-deb.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from box import Box, BoxError, probe  # noqa: E402
+
+REPO = HERE.parent.parent
+
+
+def _say(config: pytest.Config, msg: str) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(f"system tests: {msg}", yellow=True)
+    else:
+        print(f"system tests: {msg}", file=sys.stderr)
+
+
+def _skip_or_fail(config: pytest.Config, reason: str) -> None:
+    if os.environ.get("APPLIANCE_REQUIRE_SYSTEM_TESTS") == "1":
+        pytest.fail(f"system tests are required here but cannot run: {reason}", pytrace=False)
+    _say(config, f"skipped: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def box_support(pytestconfig: pytest.Config) -> None:
+    """Skip (with the reason printed) unless boxes can run on this machine."""
+    why = probe()
+    if why:
+        _skip_or_fail(pytestconfig, why)
+
+
+@pytest.fixture(scope="session")
+def appliance_deb(pytestconfig: pytest.Config, box_support, tmp_path_factory) -> Path:
+    """The package under test: $APPLIANCE_DEB, or scripts/build-deb once per session."""
+    given = os.environ.get("APPLIANCE_DEB")
+    if given:
+        p = Path(given).resolve()
+        assert p.is_file(), f"APPLIANCE_DEB={given} does not exist"
+        return p
+    out = tmp_path_factory.mktemp("deb")
+    _say(pytestconfig, f"building the .deb with scripts/build-deb into {out} (set APPLIANCE_DEB to reuse one)")
+    r = subprocess.run([str(REPO / "scripts" / "build-deb"), str(out)], capture_output=True,
+                       text=True, timeout=900)
+    if r.returncode != 0:
+        pytest.fail(f"scripts/build-deb failed (rc={r.returncode}):\n{r.stderr[-6000:]}", pytrace=False)
+    deb = Path(r.stdout.strip().splitlines()[-1])
+    assert deb.is_file(), r.stdout
+    return deb
+
+
+def new_box_dir() -> Path:
+    # under /tmp: the box mounts its own tmpfs on /tmp, which hides the box dir from itself
+    return Path("/tmp") / f"appliance-box-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_box(box_support):
+    """Factory for boxes; every box is powered off and removed at teardown, also on failure."""
+    boxes: list[Box] = []
+
+    def make(**kw) -> Box:
+        b = Box(new_box_dir(), **kw)
+        boxes.append(b)
+        return b.up()
+
+    yield make
+    for b in reversed(boxes):
+        b.down()
+
+
+@pytest.fixture(scope="module")
+def installed_box(box_support, appliance_deb: Path):
+    """One box for a module's ordered scenario, with the .deb copied to /root (not installed)."""
+    b = Box(new_box_dir())
+    try:
+        b.up()
+        b.put(appliance_deb, f"/root/{appliance_deb.name}")
+        b.deb_path = f"/root/{appliance_deb.name}"  # type: ignore[attr-defined]
+        yield b
+    finally:
+        b.down()
+
+
+__all__ = ["Box", "BoxError"]
