@@ -174,7 +174,13 @@ def serve(
         loop = asyncio.get_running_loop()
 
         def stop() -> None:
-            server.should_exit = True
+            # Stop accepting now, not at uvicorn's next tick: the master counts a reload as
+            # done once every old worker said "draining", i.e. no longer takes connections.
+            if not server.should_exit:
+                server.should_exit = True
+                for listening in getattr(server, "servers", ()):
+                    listening.close()
+                protocol.send(report_fd, "draining")
 
         loop.add_signal_handler(signal.SIGTERM, stop)
         if alive_fd is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "StopRequested",
     "Tick",
     "WorkerBootFailed",
+    "WorkerDraining",
     "WorkerExited",
     "WorkerForked",
     "WorkerReady",
@@ -96,6 +97,13 @@ class WorkerReady:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerDraining:
+    """The worker closed its listening sockets: it takes no new connection from now on."""
+
+    key: int
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     key: int
     requests: int
@@ -155,6 +163,7 @@ Event = (
     | WorkerForked
     | SpawnFailed
     | WorkerReady
+    | WorkerDraining
     | Heartbeat
     | WorkerBootFailed
     | WorkerExited

@@ -35,6 +35,7 @@ from appliance.master.events import (
     StopRequested,
     Tick,
     WorkerBootFailed,
+    WorkerDraining,
     WorkerExited,
     WorkerForked,
     WorkerReady,
@@ -201,6 +202,8 @@ def step(state: MasterState, event: Event, now: float) -> tuple[MasterState, lis
             tx.on_spawn_failed(key, error)
         case WorkerReady(key=key):
             tx.on_ready(key)
+        case WorkerDraining(key=key):
+            tx.on_draining(key)
         case Heartbeat():
             tx.on_heartbeat(event)
         case WorkerBootFailed(key=key, error=error):
@@ -393,6 +396,11 @@ class _Tx:
         w = replace(w, state=WState.READY, ready_at=self.now, last_seen=self.now)
         self.workers[key] = w
         self._wlog("info", "worker.ready", w, boot_s=round(self.now - w.spawned_at, 4))
+
+    def on_draining(self, key: int) -> None:
+        w = self.workers.get(key)
+        if w is not None:
+            self.workers[key] = replace(w, accepting=False)
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
         w = self.workers.get(hb.key)
@@ -684,7 +692,13 @@ class _Tx:
                         f"worker {replaced} of {target} ready in generation {gen}",
                     )
                 )
-            stale_left = any(not _fresh(w, gen) for w in self.workers.values() if w.live)
+            # Done when only the new generation takes connections: every old worker is gone,
+            # killed, or has confirmed it closed its listening sockets.
+            stale_left = any(
+                not _fresh(w, gen)
+                and (w.live or (w.state is WState.DRAINING and w.accepting))
+                for w in self.workers.values()
+            )
             if full and not stale_left:
                 self.finish_reload(ok=True, message=f"generation {gen} serving with {target} workers")
         elif self.s.phase is Phase.STARTING and full:

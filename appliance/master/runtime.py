@@ -42,6 +42,7 @@ from appliance.master.events import (
     StopRequested,
     Tick,
     WorkerBootFailed,
+    WorkerDraining,
     WorkerExited,
     WorkerForked,
     WorkerReady,
@@ -124,7 +125,8 @@ class Master:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 for key, mask in self.selector.select(timeout):
                     if mask & selectors.EVENT_WRITE and isinstance(key.data, tuple):
-                        key.data[1].flush()
+                        if self.conns.get(key.fd) is key.data[1]:
+                            key.data[1].flush()
                     if mask & selectors.EVENT_READ:
                         self._dispatch(key)
                 self._update_conn_interest()
@@ -153,10 +155,14 @@ class Master:
             self._read_signals()
         elif tag == "control":
             self._accept_control()
+        # A key from this batch may be stale: an earlier key's handling (a reap) can have
+        # closed its fd already, and the number may even be reused by then.
         elif isinstance(tag, _Pipe):
-            self._read_pipe(tag)
+            if self.pipes.get(tag.key) is tag:
+                self._read_pipe(tag)
         elif isinstance(tag, tuple) and tag[0] == "conn":
-            self._read_conn(tag[1])
+            if self.conns.get(tag[1].fileno()) is tag[1]:
+                self._read_conn(tag[1])
 
     def _read_signals(self) -> None:
         try:
@@ -227,6 +233,8 @@ class Master:
                         float(msg.get("rss", 0.0)),
                     )
                 )
+            case "draining":
+                self.pending.append(WorkerDraining(key))
             case "boot_error":
                 self.pending.append(WorkerBootFailed(key, str(msg.get("error", "unknown"))))
             case _:

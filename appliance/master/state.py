@@ -81,6 +81,7 @@ class Worker:
     requests: int = 0
     in_flight: int = 0
     rss_mb: float = 0.0
+    accepting: bool = True
 
     @property
     def live(self) -> bool:

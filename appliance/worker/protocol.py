@@ -1,6 +1,7 @@
 """The worker -> master report pipe: one JSON object per line, each under PIPE_BUF.
 
-Messages: ``{"t": "ready"}``, ``{"t": "hb", "req": N, "inflight": M, "rss": MiB}`` and
+Messages: ``{"t": "ready"}``, ``{"t": "hb", "req": N, "inflight": M, "conns": C, "rss": MiB}``,
+``{"t": "draining"}`` (listening sockets closed: no new connections from here on) and
 ``{"t": "boot_error", "error": "..."}``. Lines under PIPE_BUF (4096 bytes) are written
 atomically, so a line is never interleaved or torn; a worker that cannot write because the
 master is not reading drops the heartbeat rather than block its event loop.

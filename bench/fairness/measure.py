@@ -48,10 +48,11 @@ def stop(p: subprocess.Popen[str]) -> None:
 
 
 def variant_args(mech: str) -> list[str]:
-    """``shm@5`` means the shm mechanism with --max-defer-ms 5."""
-    if "@" in mech:
-        return ["--max-defer-ms", mech.split("@")[1]]
-    return []
+    """``shm@5`` means the shm mechanism with --max-defer-ms 5; ``shm@5@16`` also --batch 16;
+    ``shm@5@16@0.5`` also --recheck-ms 0.5."""
+    parts = mech.split("@")[1:]
+    flags = ["--max-defer-ms", "--batch", "--recheck-ms"]
+    return [x for f, v in zip(flags, parts) for x in (f, v)]
 
 
 def measure(configs: list[tuple[str, int]], app: str, mode: str, concs: list[int],

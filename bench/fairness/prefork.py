@@ -70,10 +70,10 @@ class Acceptor:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], Any],
                  sock: socket.socket, counts: SharedCounts | None, slot: int,
-                 recheck_s: float, max_defer_s: float) -> None:
+                 recheck_s: float, max_defer_s: float, batch: int = 1) -> None:
         self.loop, self.factory, self.sock = loop, factory, sock
         self.counts, self.slot = counts, slot
-        self.recheck_s, self.max_defer_s = recheck_s, max_defer_s
+        self.recheck_s, self.max_defer_s, self.batch = recheck_s, max_defer_s, batch
         self.sockets = [sock]
         self.open = 0
         self.watching = False
@@ -127,20 +127,21 @@ class Acceptor:
         return False
 
     def _on_readable(self) -> None:
-        if not self._may_accept():
-            self._unwatch()
-            self.loop.call_later(self.recheck_s, self._watch)
-            return
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return
-        self.open += 1
-        self._publish()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.loop.create_task(self._attach(conn))
+        for _ in range(self.batch):
+            if not self._may_accept():
+                self._unwatch()
+                self.loop.call_later(self.recheck_s, self._watch)
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self.open += 1
+            self._publish()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.loop.create_task(self._attach(conn))
 
     async def _attach(self, conn: socket.socket) -> None:
         try:
@@ -182,7 +183,8 @@ def child_main(args: argparse.Namespace, sock: socket.socket, slot: int,
             if own and sock is not None:
                 return Acceptor(self, protocol_factory, sock,
                                 counts if args.mech == "shm" else None, slot,
-                                args.recheck_ms / 1000, args.max_defer_ms / 1000)
+                                args.recheck_ms / 1000, args.max_defer_ms / 1000,
+                                args.batch)
             return await super().create_server(protocol_factory, *a, sock=sock, **kw)
 
     class Server(uvicorn.Server):
@@ -211,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app", choices=("hello", "cpu"), default="cpu")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--recheck-ms", type=float, default=0.5)
-    ap.add_argument("--max-defer-ms", type=float, default=20.0)
+    ap.add_argument("--recheck-ms", type=float, default=1.0,
+                    help="a deferring worker looks at the socket again after this long")
+    ap.add_argument("--max-defer-ms", type=float, default=20.0,
+                    help="after deferring this long a worker accepts anyway")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="at most this many accepts per readiness callback (own acceptors)")
     args = ap.parse_args(argv)
 
     n = args.workers

@@ -25,18 +25,17 @@ def main() -> int:
     while done < n:
         batch = min(500, n - done)
         clients = [socket.create_connection(addr) for _ in range(batch)]
-        t0 = time.perf_counter()
         for _ in range(batch):
+            t0 = time.perf_counter()
             conn, _ = lst.accept()
             socket.send_fds(a, [b"x"], [conn.fileno()])
             conn.close()
-        t1 = time.perf_counter()
-        for _ in range(batch):
+            t1 = time.perf_counter()
             _, fds, _, _ = socket.recv_fds(b, 1, 1)
             os.close(fds[0])
-        t2 = time.perf_counter()
-        master += t1 - t0
-        worker += t2 - t1
+            t2 = time.perf_counter()
+            master += t1 - t0
+            worker += t2 - t1
         for c in clients:
             c.close()
         done += batch

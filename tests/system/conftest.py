@@ -27,10 +27,13 @@ REPO = HERE.parent.parent
 
 def _say(config: pytest.Config, msg: str) -> None:
     tr = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(f"system tests: {msg}", yellow=True)
-    else:
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if tr is None or capman is None:
         print(f"system tests: {msg}", file=sys.stderr)
+        return
+    with capman.global_and_fixture_disabled():   # visible even with output capturing on
+        tr.write_line("")
+        tr.write_line(f"system tests: {msg}", yellow=True)
 
 
 def _skip_or_fail(config: pytest.Config, reason: str) -> None:
@@ -38,6 +41,12 @@ def _skip_or_fail(config: pytest.Config, reason: str) -> None:
         pytest.fail(f"system tests are required here but cannot run: {reason}", pytrace=False)
     _say(config, f"skipped: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def skip_or_fail(pytestconfig: pytest.Config):
+    """skip_or_fail(reason): skip with the reason printed (fail under APPLIANCE_REQUIRE_SYSTEM_TESTS=1)."""
+    return lambda reason: _skip_or_fail(pytestconfig, reason)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from appliance.master.events import (
     StopRequested,
     Tick,
     WorkerBootFailed,
+    WorkerDraining,
     WorkerExited,
     WorkerForked,
     WorkerReady,
@@ -50,7 +51,10 @@ def gen(target: int = 2, number: int = 1, **kw: object) -> Generation:
 class Sim:
     """Drives policy.step like the runtime does, with fake pids and a settable clock."""
 
-    def __init__(self, g: Generation | None = None, watchdog: float | None = None) -> None:
+    def __init__(
+        self, g: Generation | None = None, watchdog: float | None = None, auto_drain: bool = True
+    ) -> None:
+        self.auto_drain = auto_drain  # answer SIGTERM with "draining", as a real worker does
         self.now = 100.0
         self.next_pid = 1000
         self.state = policy.initial_state(g or gen(), watchdog_interval_s=watchdog, now=self.now)
@@ -66,6 +70,8 @@ class Sim:
                 self.next_pid += 1
                 self.pids[a.key] = self.next_pid
                 self.step(WorkerForked(a.key, self.next_pid))
+            elif isinstance(a, Kill) and a.signal_name == "SIGTERM" and self.auto_drain:
+                self.step(WorkerDraining(a.key))
 
     def step(self, event: object) -> list[object]:
         before = len(self.actions)
@@ -267,6 +273,18 @@ def test_rolling_reload_replaces_one_at_a_time_never_below_capacity() -> None:
         sim.exit_of(key, 0)
     assert {w.generation for w in sim.workers()} == {2}
     assert "worker.exited" in sim.events()
+
+
+def test_reload_finishes_only_when_old_workers_stopped_accepting() -> None:
+    sim = Sim(gen(target=1), auto_drain=False)
+    sim.ready_all()
+    (old,) = sim.workers()
+    reload(sim, gen(target=1))
+    sim.ready_all()
+    assert sim.state.phase is Phase.RELOADING, "the old worker may still accept"
+    out = sim.step(WorkerDraining(old.key))
+    assert [a for a in out if isinstance(a, ReloadOutcome)][0].ok
+    assert sim.state.phase is Phase.RUNNING
 
 
 def test_reload_with_surge_two_boots_two_at_a_time() -> None:
