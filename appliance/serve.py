@@ -49,6 +49,7 @@ def engine_settings(generation: Generation) -> Any:
         forwarded_allow_ips=s.http.forwarded_allow_ips,
         graceful_timeout_s=s.workers.graceful_timeout_s,
         heartbeat_interval_s=s.workers.heartbeat_interval_s,
+        accept=s.http.accept,
     )
 
 

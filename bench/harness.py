@@ -102,8 +102,16 @@ class Bench:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def start(self, peer: str, workers: int, app: str) -> tuple[peers.Running, float]:
-        self.port += 1  # a fresh port per start: no TIME_WAIT or straggler confusion
-        return peers.start(peer, self.port, workers, app, log=self.log)
+        # A fresh port per start (no TIME_WAIT or straggler confusion); on a shared machine a
+        # port may be taken by someone else, so try a few.
+        for attempt in range(3):
+            self.port += 1 + 7 * attempt
+            try:
+                return peers.start(peer, self.port, workers, app, log=self.log)
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def throughput(self, peer: str) -> list[dict[str, Any]]:
         rows = []

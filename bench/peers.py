@@ -110,6 +110,7 @@ def command(name: str, port: int, workers: int, app: str) -> tuple[list[str], di
             "[workers]\n"
             f"count = {workers}\n"
             "[[listen]]\n"
+            'name = "http"\n'
             f'address = "{addr}"\n'
             "[log]\n"
             'level = "warning"\n')

@@ -627,6 +627,17 @@ class HttpSettings(BaseModel):
         ),
         Reload.ROLLING,
     ] = "127.0.0.1"
+    accept: Annotated[
+        Literal["balanced", "kernel"],
+        Field(
+            description='How workers share the listening sockets. "balanced": each worker '
+            "accepts only while it has no more open connections than the least loaded other "
+            "worker (counts in shared memory), so keep-alive clients spread evenly. "
+            '"kernel": every worker accepts as fast as it can and the kernel decides, which '
+            "on a lightly loaded pool often puts every connection on one worker.",
+        ),
+        Reload.ROLLING,
+    ] = "balanced"
 
 
 class WatchdogSettings(BaseModel):

@@ -29,6 +29,8 @@ import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from appliance.engines import balance
+from appliance.engines.balance import LoadBoard
 from appliance.worker import protocol
 
 __all__ = ["EngineSettings", "serve"]
@@ -47,6 +49,7 @@ class EngineSettings:
     forwarded_allow_ips: str = "127.0.0.1"
     graceful_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
+    accept: str = "balanced"
 
 
 class _DrainingProtocol(HttpToolsProtocol):
@@ -150,6 +153,8 @@ def serve(
     *,
     report_fd: int,
     alive_fd: int | None,
+    board: LoadBoard | None = None,
+    lane: int | None = None,
     on_loop: Callable[[], None] | None = None,
 ) -> int:
     """Run the engine until SIGTERM (drain) or the master's death; return the exit code."""
@@ -190,6 +195,11 @@ def serve(
             on_loop()
         await server.serve(sockets=sockets)
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    factory = (
+        balance.loop_factory(board, lane)
+        if settings.accept == "balanced" and board is not None and lane is not None
+        else uvloop.new_event_loop
+    )
+    with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main())
     return 0

@@ -47,6 +47,7 @@ from appliance.master.events import (
     WorkerForked,
     WorkerReady,
 )
+from appliance.engines.balance import LoadBoard
 from appliance.master.state import MasterState
 from appliance.worker import main as worker_main
 from appliance.worker.protocol import MessageReader
@@ -85,6 +86,7 @@ class MasterDeps:
 class _Pipe:
     key: int
     fd: int
+    lane: int | None = None
     reader: MessageReader = field(default_factory=MessageReader)
 
 
@@ -106,6 +108,8 @@ class Master:
         os.set_blocking(self._wake_w, False)
         # Workers watch this pipe: EOF means the master is gone and they should drain and exit.
         self._alive_r, self._alive_w = os.pipe()
+        # Open-connection counts the workers balance their accepting on (engines.balance).
+        self.board = LoadBoard(capacity=2 * policy.MAX_POOL)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "signal")
         if deps.control is not None:
             self.selector.register(deps.control.fileno(), selectors.EVENT_READ, "control")
@@ -243,6 +247,8 @@ class Master:
     def _close_pipe(self, pipe: _Pipe) -> None:
         if self.pipes.pop(pipe.key, None) is None:
             return
+        if pipe.lane is not None:
+            self.board.release(pipe.lane)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(pipe.fd)
         os.close(pipe.fd)
@@ -323,7 +329,10 @@ class Master:
             match action:
                 case Spawn():
                     self._spawn(action)
-                case Kill(pid=pid, signal_name=name):
+                case Kill(key=key, pid=pid, signal_name=name):
+                    pipe = self.pipes.get(key)
+                    if pipe is not None and pipe.lane is not None:
+                        self.board.mark_dead(pipe.lane)  # nobody should wait for it to accept
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.Signals[name])
                 case Notify(message=message):
@@ -371,23 +380,28 @@ class Master:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
+        lane = self.board.claim()
         try:
             pid = os.fork()
         except OSError as exc:
             os.close(read_fd)
             os.close(write_fd)
+            if lane is not None:
+                self.board.release(lane)
             self.pending.append(SpawnFailed(action.key, f"fork failed: {exc}"))
             return
         if pid == 0:
-            self._become_worker(action, read_fd, write_fd)
+            self._become_worker(action, read_fd, write_fd, lane)
         os.close(write_fd)
-        pipe = _Pipe(action.key, read_fd)
+        pipe = _Pipe(action.key, read_fd, lane)
         self.pipes[action.key] = pipe
         self.pids[pid] = action.key
         self.selector.register(read_fd, selectors.EVENT_READ, pipe)
         self.pending.append(WorkerForked(action.key, pid))
 
-    def _become_worker(self, action: Spawn, read_fd: int, write_fd: int) -> NoReturn:
+    def _become_worker(
+        self, action: Spawn, read_fd: int, write_fd: int, lane: int | None
+    ) -> NoReturn:
         try:
             settings = action.generation.config.settings
             master_fds = [read_fd, self._wake_r, self._wake_w, self._alive_w]
@@ -414,6 +428,8 @@ class Master:
                 log_format=settings.log.format,
                 report_fd=write_fd,
                 alive_fd=self._alive_r,
+                board=self.board,
+                lane=lane,
             )
         except BaseException:  # noqa: BLE001 - never return into the master's loop
             os._exit(worker_main.EXIT_CRASH)

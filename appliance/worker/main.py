@@ -45,6 +45,8 @@ class WorkerSpec:
     log_format: str
     report_fd: int
     alive_fd: int | None
+    board: Any = None  # appliance.engines.balance.LoadBoard
+    lane: int | None = None
 
 
 def _reset_signals() -> None:
@@ -88,6 +90,8 @@ def run(spec: WorkerSpec) -> NoReturn:
             spec.engine,
             report_fd=spec.report_fd,
             alive_fd=spec.alive_fd,
+            board=spec.board,
+            lane=spec.lane,
         )
     except SystemExit as exc:  # uvicorn exits 3 when the app's lifespan startup fails
         code = exc.code if isinstance(exc.code, int) else EXIT_CRASH

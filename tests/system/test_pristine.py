@@ -99,6 +99,7 @@ def in_namespaces(root: Path, script: str, *, net: bool, timeout: float) -> subp
     return subprocess.CompletedProcess(argv, p.returncode, out, "")
 
 
+@pytest.mark.timeout(900)   # a cold run builds the root (mmdebstrap) and downloads from Debian
 def test_pristine_bookworm_install_check_serve(pristine_root: Path, appliance_deb: Path) -> None:
     root = pristine_root
     assert not (root / "usr/bin/python3").exists(), "the pristine root must start without Python"

@@ -1,0 +1,236 @@
+"""Fair accepting: spread connections over workers that share one listening socket.
+
+With a shared socket (the only kind systemd can pass), every worker's event loop is woken for
+a new connection and the first one to run accepts everything waiting, so on a lightly loaded
+pool one worker gets nearly every keep-alive connection and the others idle (measured: 75-100%
+of connections on one of two workers; see bench/FAIRNESS.md). SO_REUSEPORT splits by a hash,
+which is a coin toss at low connection counts and strands queued connections when a worker
+exits during a reload; a master-side hand-off costs ~16 µs of master CPU per connection.
+
+So each worker runs its own acceptor and the workers agree through a :class:`LoadBoard`, one
+int64 per worker in anonymous shared memory made by the master before forking: a worker
+accepts only while it has no more open connections than the least loaded other worker. A
+worker that is not the least loaded looks again on the next loop iteration, and accepts
+anyway after ``MAX_DEFER_S`` so that a stuck peer can never stall accepting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import uvloop
+
+__all__ = ["MAX_DEFER_S", "Acceptor", "LoadBoard", "may_accept", "loop_factory"]
+
+#: Longest a worker waits for a less loaded peer before accepting anyway.
+MAX_DEFER_S = 0.02
+_DEAD = 1 << 40  # a lane nobody accepts for: never the minimum
+
+
+class LoadBoard:
+    """Open-connection counts per worker *lane*, shared by the master and all workers.
+
+    Word 0 holds the number of lanes in use (the master raises it); lane ``i`` is word ``i+1``.
+    The master claims a lane for each worker it forks and releases it when the worker is
+    reaped; a lane reads as dead until its worker starts accepting and after it stops.
+    Single aligned 8-byte stores are atomic on the platforms we run on, and a stale read only
+    costs a slightly less even split, never correctness.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._mm = mmap.mmap(-1, 8 * (capacity + 1))
+        self._view = memoryview(self._mm).cast("q")
+        for i in range(1, capacity + 1):
+            self._view[i] = _DEAD
+        self._free = list(range(capacity - 1, -1, -1))
+
+    # master side
+    def claim(self) -> int | None:
+        """A lane for a new worker (``None`` when full: that worker accepts unbalanced)."""
+        if not self._free:
+            return None
+        lane = self._free.pop()
+        self._view[lane + 1] = _DEAD
+        self._view[0] = max(self._view[0], lane + 1)
+        return lane
+
+    def release(self, lane: int) -> None:
+        self._view[lane + 1] = _DEAD
+        self._free.append(lane)
+        self._free.sort(reverse=True)
+
+    def mark_dead(self, lane: int) -> None:
+        """The worker is not accepting any more (hung, draining): do not wait for it."""
+        self._view[lane + 1] = _DEAD
+
+    # worker side
+    def publish(self, lane: int, open_connections: int) -> None:
+        self._view[lane + 1] = open_connections
+
+    def lowest_other(self, lane: int) -> int:
+        view = self._view
+        used = view[0]
+        lowest = _DEAD
+        for i in range(1, used + 1):
+            if i != lane + 1 and view[i] < lowest:
+                lowest = view[i]
+        return lowest
+
+    def value(self, lane: int) -> int:
+        return self._view[lane + 1]
+
+
+def may_accept(
+    open_connections: int, lowest_other: int, deferring_since: float | None, now: float
+) -> tuple[bool, float | None]:
+    """Whether to accept now, and since when we have been deferring (pure).
+
+    Ties accept (both try; the kernel gives the connection to one, the other gets EAGAIN).
+    """
+    if open_connections <= lowest_other:
+        return True, None
+    if deferring_since is None:
+        return False, now
+    if now - deferring_since >= MAX_DEFER_S:
+        return True, None
+    return False, deferring_since
+
+
+class _Counter:
+    """Open connections of this worker across all its listening sockets."""
+
+    def __init__(self, board: LoadBoard | None, lane: int | None) -> None:
+        self.open = 0
+        self.board = board if lane is not None else None
+        self.lane = lane if lane is not None else 0
+        self.accepting = 0
+
+    def publish(self) -> None:
+        if self.board is not None:
+            if self.accepting:
+                self.board.publish(self.lane, self.open)
+            else:
+                self.board.mark_dead(self.lane)
+
+    def lowest_other(self) -> int:
+        return self.board.lowest_other(self.lane) if self.board is not None else _DEAD
+
+
+class Acceptor:
+    """Accepts connections for one listening socket on the worker's loop, one per wake-up.
+
+    Stands in for the ``asyncio.Server`` uvicorn expects from ``loop.create_server``
+    (``close``, ``wait_closed``, ``is_serving``, ``sockets``). ``close`` stops watching the
+    socket but never closes it: the master and the other workers (and systemd) share it.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        sock: socket.socket,
+        counter: _Counter,
+    ) -> None:
+        self._loop = loop
+        self._factory = protocol_factory
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._counter = counter
+        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._watching = False
+        self._closed = False
+        self._deferring_since: float | None = None
+        self._done: asyncio.Future[None] = loop.create_future()
+        self.sockets = [sock]
+        sock.setblocking(False)
+        counter.accepting += 1
+        counter.publish()
+        self._watch()
+
+    def _watch(self) -> None:
+        if not self._watching and not self._closed:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
+
+    def _on_readable(self) -> None:
+        ok, self._deferring_since = may_accept(
+            self._counter.open, self._counter.lowest_other(), self._deferring_since, time.monotonic()
+        )
+        if not ok:
+            # Someone else is less loaded: look again on the next loop iteration (a timer of
+            # even 1 ms cuts new-connection throughput threefold).
+            self._unwatch()
+            self._loop.call_soon(self._watch)
+            return
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it, or the client gave up
+        except OSError:
+            return  # EMFILE and friends: uvicorn's limit_concurrency is the real remedy
+        self._counter.open += 1
+        self._counter.publish()
+        if self._tcp:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._loop.create_task(self._attach(conn))
+
+    def _counting_factory(self) -> asyncio.Protocol:
+        protocol = self._factory()
+        counter = self._counter
+        lost = protocol.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            counter.open -= 1
+            counter.publish()
+            lost(exc)
+
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+        return protocol
+
+    async def _attach(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._counting_factory, conn)
+        except Exception:  # noqa: BLE001 - the peer vanished before we attached
+            self._counter.open -= 1
+            self._counter.publish()
+            conn.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._unwatch()
+        self._closed = True
+        self._counter.accepting -= 1
+        self._counter.publish()
+        if not self._done.done():
+            self._done.set_result(None)
+
+    async def wait_closed(self) -> None:
+        await self._done
+
+    def is_serving(self) -> bool:
+        return not self._closed
+
+
+def loop_factory(board: LoadBoard | None, lane: int | None) -> Callable[[], asyncio.AbstractEventLoop]:
+    """A uvloop factory whose ``create_server(sock=...)`` returns a balanced :class:`Acceptor`."""
+    counter = _Counter(board, lane)
+
+    class _BalancedLoop(uvloop.Loop):  # type: ignore[misc, name-defined]
+        async def create_server(self, protocol_factory: Any, *args: Any, sock: Any = None, **kw: Any) -> Any:
+            if sock is None or board is None or lane is None:
+                return await super().create_server(protocol_factory, *args, sock=sock, **kw)
+            return Acceptor(self, protocol_factory, sock, counter)
+
+    return _BalancedLoop
