@@ -121,7 +121,9 @@ def serve(path: Path, *, explicit: bool) -> int:
         control = ControlServer.bind(control_path)
     except OSError as exc:
         close_listeners(listeners)
-        raise StartupError(f"appliance: control socket {control_path}: {exc.strerror or exc}") from None
+        raise StartupError(
+            f"appliance: control socket {control_path}: {exc.strerror or exc}"
+        ) from None
 
     target, reason = _pool_target(settings)
     current: dict[str, LoadedConfig] = {"loaded": loaded}
@@ -176,7 +178,11 @@ def serve(path: Path, *, explicit: bool) -> int:
         version=_version(),
         config_files=[str(f) for f in loaded.files],
         listeners=[
-            {"name": lst.name, "address": _sockname(lst), "from": "systemd" if lst.adopted else "bound"}
+            {
+                "name": lst.name,
+                "address": _sockname(lst),
+                "from": "systemd" if lst.adopted else "bound",
+            }
             for lst in listeners
         ],
         workers=target,

@@ -25,6 +25,7 @@ import json
 import re
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class Result:
     first_seen: dict[int, float] = field(default_factory=dict)
     conn_pids: Counter[int] = field(default_factory=Counter)
     failure_times: list[float] = field(default_factory=list)
+    failure_log: list[tuple[float, str]] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
 
     @property
@@ -157,10 +159,12 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
 
 class _Load:
     def __init__(self, host: str, port: int, path: str, res: Result, deadline: float,
-                 timeout_s: float, retry_pause_s: float, max_requests: int | None) -> None:
+                 timeout_s: float, retry_pause_s: float, max_requests: int | None,
+                 stop: threading.Event | None = None) -> None:
         self.host, self.port, self.res = host, port, res
         self.deadline, self.timeout_s, self.retry_pause_s = deadline, timeout_s, retry_pause_s
         self.remaining = max_requests
+        self.stop = stop
         ka = res.mode == "keepalive"
         self.request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -168,7 +172,7 @@ class _Load:
         ).encode()
 
     def _take(self) -> bool:
-        if time.monotonic() >= self.deadline:
+        if time.monotonic() >= self.deadline or (self.stop is not None and self.stop.is_set()):
             return False
         if self.remaining is not None:
             if self.remaining <= 0:
@@ -190,7 +194,9 @@ class _Load:
 
     async def _fail(self, kind: str) -> None:
         self.res.failures[kind] += 1
-        self.res.failure_times.append(time.monotonic())
+        now = time.monotonic()
+        self.res.failure_times.append(now)
+        self.res.failure_log.append((now, kind))
         await asyncio.sleep(self.retry_pause_s)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -236,7 +242,10 @@ class _Load:
 
 async def run_async(url: str, concurrency: int, duration_s: float, mode: str = "keepalive",
                     timeout_s: float = 5.0, retry_pause_s: float = 0.01,
-                    max_requests: int | None = None) -> Result:
+                    max_requests: int | None = None,
+                    stop: threading.Event | None = None) -> Result:
+    """Load ``url`` until ``duration_s`` passed, ``max_requests`` were started or ``stop``
+    was set (from another thread)."""
     if mode not in ("keepalive", "close"):
         raise ValueError(f"mode must be keepalive or close, got {mode!r}")
     parts = urlsplit(url)
@@ -245,7 +254,7 @@ async def run_async(url: str, concurrency: int, duration_s: float, mode: str = "
     res = Result(concurrency=concurrency, mode=mode)
     start = time.monotonic()
     load = _Load(host, port, path, res, start + duration_s, timeout_s, retry_pause_s,
-                 max_requests)
+                 max_requests, stop)
     tasks = [asyncio.ensure_future(load.loop()) for _ in range(concurrency)]
     # Requests in flight at the deadline may finish within the timeout; the run is bounded.
     done, pending = await asyncio.wait(tasks, timeout=duration_s + timeout_s + 1.0)
@@ -257,10 +266,10 @@ async def run_async(url: str, concurrency: int, duration_s: float, mode: str = "
 
 def run(url: str, concurrency: int, duration_s: float, mode: str = "keepalive",
         timeout_s: float = 5.0, retry_pause_s: float = 0.01,
-        max_requests: int | None = None) -> Result:
+        max_requests: int | None = None, stop: threading.Event | None = None) -> Result:
     """Run load in a fresh event loop (safe to call from a thread)."""
     return asyncio.run(run_async(url, concurrency, duration_s, mode, timeout_s, retry_pause_s,
-                                 max_requests))
+                                 max_requests, stop))
 
 
 def main(argv: list[str] | None = None) -> int:

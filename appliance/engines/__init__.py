@@ -13,9 +13,9 @@ def preload_engine() -> None:
     """Import the serving stack (not the app) in the master."""
     import a2wsgi  # noqa: F401
     import httptools  # noqa: F401
-    import uvicorn.config  # noqa: F401
-    import uvicorn.lifespan.on  # noqa: F401
-    import uvicorn.protocols.http.httptools_impl  # noqa: F401
+    import uvicorn.config
+    import uvicorn.lifespan.on
+    import uvicorn.protocols.http.httptools_impl
     import uvicorn.server  # noqa: F401
     import uvloop  # noqa: F401
 

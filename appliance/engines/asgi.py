@@ -23,11 +23,12 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from appliance.engines import balance
 from appliance.engines.balance import LoadBoard
@@ -41,7 +42,7 @@ _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     interface: str = "asgi"
-    lifespan: str = "auto"
+    lifespan: Literal["auto", "on", "off"] = "auto"
     keepalive_timeout_s: float = 5.0
     limit_concurrency: int | None = None
     access_log: bool = False
@@ -69,6 +70,12 @@ class _DrainingProtocol(HttpToolsProtocol):
             cycle.keep_alive = False
 
 
+class _State(ServerState):
+    """uvicorn's shared server state, plus whether we are draining (read by the protocol)."""
+
+    draining = False
+
+
 def _rss_mb() -> float:
     try:
         with open("/proc/self/statm", "rb") as f:
@@ -78,10 +85,10 @@ def _rss_mb() -> float:
 
 
 class _Server(uvicorn.Server):
-    def __init__(
-        self, config: uvicorn.Config, settings: EngineSettings, report_fd: int
-    ) -> None:
+    def __init__(self, config: uvicorn.Config, settings: EngineSettings, report_fd: int) -> None:
         super().__init__(config)
+        self._drain_state = _State()
+        self.server_state = self._drain_state
         self._settings = settings
         self._report_fd = report_fd
         self._next_beat = 0.0
@@ -120,7 +127,7 @@ class _Server(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
-        self.server_state.draining = True  # type: ignore[attr-defined]
+        self._drain_state.draining = True
         for connection in list(self.server_state.connections):
             connection.shutdown()
         deadline = loop.time() + self._settings.graceful_timeout_s
@@ -133,7 +140,7 @@ class _Server(uvicorn.Server):
         for t in list(self.server_state.tasks):
             t.cancel(msg="graceful timeout exceeded")
         for connection in list(self.server_state.connections):
-            connection.transport.close()  # type: ignore[attr-defined]
+            connection.transport.close()
         if not self.force_exit:
             await self.lifespan.shutdown()
 

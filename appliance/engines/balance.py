@@ -25,7 +25,7 @@ from typing import Any
 
 import uvloop
 
-__all__ = ["MAX_DEFER_S", "Acceptor", "LoadBoard", "may_accept", "loop_factory"]
+__all__ = ["MAX_DEFER_S", "Acceptor", "LoadBoard", "loop_factory", "may_accept"]
 
 #: Longest a worker waits for a less loaded peer before accepting anyway.
 MAX_DEFER_S = 0.02
@@ -165,7 +165,10 @@ class Acceptor:
 
     def _on_readable(self) -> None:
         ok, self._deferring_since = may_accept(
-            self._counter.open, self._counter.lowest_other(), self._deferring_since, time.monotonic()
+            self._counter.open,
+            self._counter.lowest_other(),
+            self._deferring_since,
+            time.monotonic(),
         )
         if not ok:
             # Someone else is less loaded: look again on the next loop iteration (a timer of
@@ -223,12 +226,16 @@ class Acceptor:
         return not self._closed
 
 
-def loop_factory(board: LoadBoard | None, lane: int | None) -> Callable[[], asyncio.AbstractEventLoop]:
+def loop_factory(
+    board: LoadBoard | None, lane: int | None
+) -> Callable[[], asyncio.AbstractEventLoop]:
     """A uvloop factory whose ``create_server(sock=...)`` returns a balanced :class:`Acceptor`."""
     counter = _Counter(board, lane)
 
-    class _BalancedLoop(uvloop.Loop):  # type: ignore[misc, name-defined]
-        async def create_server(self, protocol_factory: Any, *args: Any, sock: Any = None, **kw: Any) -> Any:
+    class _BalancedLoop(uvloop.Loop):
+        async def create_server(
+            self, protocol_factory: Any, *args: Any, sock: Any = None, **kw: Any
+        ) -> Any:
             if sock is None or board is None or lane is None:
                 return await super().create_server(protocol_factory, *args, sock=sock, **kw)
             return Acceptor(self, protocol_factory, sock, counter)

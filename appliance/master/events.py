@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 __all__ = [
     "Action",
+    "ApplyLive",
     "ConfigRejected",
     "Event",
     "Exit",
@@ -24,7 +25,6 @@ __all__ = [
     "ReloadProgress",
     "ReloadRequested",
     "ScaleRequested",
-    "ApplyLive",
     "Spawn",
     "SpawnFailed",
     "StopRequested",
@@ -235,6 +235,4 @@ class Exit:
     code: int
 
 
-Action = (
-    Spawn | Kill | Notify | Log | ApplyLive | ReloadProgress | ReloadOutcome | Exit
-)
+Action = Spawn | Kill | Notify | Log | ApplyLive | ReloadProgress | ReloadOutcome | Exit

@@ -248,11 +248,7 @@ def status_text(state: MasterState) -> str:
         text = f"reloading to generation {gen}: {ready}/{state.target} workers replaced"
     elif state.phase is Phase.STARTING:
         text = f"starting: {text}"
-    if (
-        state.phase is Phase.RUNNING
-        and state.last_reload is not None
-        and not state.last_reload.ok
-    ):
+    if state.phase is Phase.RUNNING and state.last_reload is not None and not state.last_reload.ok:
         text += f"; reload failed: {state.last_reload.message}"
     return text
 
@@ -496,7 +492,9 @@ class _Tx:
         phase = self.s.phase
         if phase is Phase.STOPPING:
             self.actions.append(
-                ReloadOutcome((ev.request_id,), False, self.s.current.number, "the master is stopping")
+                ReloadOutcome(
+                    (ev.request_id,), False, self.s.current.number, "the master is stopping"
+                )
             )
             return
         if self.s.ready_sent and phase is Phase.RUNNING:
@@ -624,14 +622,14 @@ class _Tx:
                     self.kill(w, Cause.BOOT_TIMEOUT)
                 case WState.READY:
                     silent = round(self.now - (w.last_seen or w.spawned_at), 3)
-                    self._wlog("error", "worker.hung", w, silent_s=silent, action="dump stack, kill")
+                    self._wlog(
+                        "error", "worker.hung", w, silent_s=silent, action="dump stack, kill"
+                    )
                     self._signal(w, "SIGUSR1", Cause.HUNG, WState.HUNG)
                 case WState.HUNG:
                     self.kill(w, Cause.HUNG)
                 case WState.DRAINING:
-                    self._wlog(
-                        "warning", "worker.drain_timeout", w, timeout_s=w.graceful_timeout_s
-                    )
+                    self._wlog("warning", "worker.drain_timeout", w, timeout_s=w.graceful_timeout_s)
                     self.kill(w, w.cause or Cause.DRAIN)
 
     def reconcile(self) -> None:
@@ -695,12 +693,13 @@ class _Tx:
             # Done when only the new generation takes connections: every old worker is gone,
             # killed, or has confirmed it closed its listening sockets.
             stale_left = any(
-                not _fresh(w, gen)
-                and (w.live or (w.state is WState.DRAINING and w.accepting))
+                not _fresh(w, gen) and (w.live or (w.state is WState.DRAINING and w.accepting))
                 for w in self.workers.values()
             )
             if full and not stale_left:
-                self.finish_reload(ok=True, message=f"generation {gen} serving with {target} workers")
+                self.finish_reload(
+                    ok=True, message=f"generation {gen} serving with {target} workers"
+                )
         elif self.s.phase is Phase.STARTING and full:
             self.s = replace(self.s, phase=Phase.RUNNING, ready_sent=True)
             self.log(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from appliance import log
+from appliance.engines.balance import LoadBoard
 from appliance.master import policy
 from appliance.master.events import (
     Action,
@@ -47,7 +48,6 @@ from appliance.master.events import (
     WorkerForked,
     WorkerReady,
 )
-from appliance.engines.balance import LoadBoard
 from appliance.master.state import MasterState
 from appliance.worker import main as worker_main
 from appliance.worker.protocol import MessageReader
@@ -128,9 +128,8 @@ class Master:
                 deadline = policy.next_deadline(self.state)
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 for key, mask in self.selector.select(timeout):
-                    if mask & selectors.EVENT_WRITE and isinstance(key.data, tuple):
-                        if self.conns.get(key.fd) is key.data[1]:
-                            key.data[1].flush()
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush_conn(key)
                     if mask & selectors.EVENT_READ:
                         self._dispatch(key)
                 self._update_conn_interest()
@@ -161,12 +160,15 @@ class Master:
             self._accept_control()
         # A key from this batch may be stale: an earlier key's handling (a reap) can have
         # closed its fd already, and the number may even be reused by then.
-        elif isinstance(tag, _Pipe):
-            if self.pipes.get(tag.key) is tag:
-                self._read_pipe(tag)
-        elif isinstance(tag, tuple) and tag[0] == "conn":
-            if self.conns.get(tag[1].fileno()) is tag[1]:
-                self._read_conn(tag[1])
+        elif isinstance(tag, _Pipe) and self.pipes.get(tag.key) is tag:
+            self._read_pipe(tag)
+        elif isinstance(tag, tuple) and self.conns.get(key.fd) is tag[1]:
+            self._read_conn(tag[1])
+
+    def _flush_conn(self, key: selectors.SelectorKey) -> None:
+        conn = self.conns.get(key.fd)
+        if conn is not None and isinstance(key.data, tuple) and key.data[1] is conn:
+            conn.flush()
 
     def _read_signals(self) -> None:
         try:
@@ -301,9 +303,16 @@ class Master:
                     self._reload(rid, "control socket")
                 case "scale":
                     n = req.args.get("workers")
-                    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= policy.MAX_POOL:
+                    if (
+                        not isinstance(n, int)
+                        or isinstance(n, bool)
+                        or not 1 <= n <= policy.MAX_POOL
+                    ):
                         conn.send(
-                            {"ok": False, "error": f"workers must be 1..{policy.MAX_POOL} (got {n!r})"}
+                            {
+                                "ok": False,
+                                "error": f"workers must be 1..{policy.MAX_POOL} (got {n!r})",
+                            }
                         )
                         continue
                     self.pending.append(ScaleRequested(self._request_id(), absolute=n))

@@ -27,5 +27,5 @@ def current() -> WorkerInfo | None:
 
 
 def set_current(info: WorkerInfo) -> None:
-    global _current  # noqa: PLW0603 - one value per process, set once after fork
+    global _current
     _current = info

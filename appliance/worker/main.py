@@ -66,9 +66,7 @@ def run(spec: WorkerSpec) -> NoReturn:
     try:
         _reset_signals()
         pid = os.getpid()
-        info.set_current(
-            info.WorkerInfo(spec.worker_id, pid, spec.generation, spec.config_digest)
-        )
+        info.set_current(info.WorkerInfo(spec.worker_id, pid, spec.generation, spec.config_digest))
         log.configure_logging(spec.log_level, spec.log_format)
         log.clear_context()
         log.bind_context(worker_id=spec.worker_id, pid=pid, generation=spec.generation)

@@ -54,8 +54,8 @@ class MessageReader:
             try:
                 msg = json.loads(line)
                 if not isinstance(msg, dict):
-                    raise ValueError("not an object")
-            except ValueError:
+                    raise TypeError("not an object")
+            except (ValueError, TypeError):
                 msg = {"t": "invalid", "line": line[:200].decode("utf-8", "replace")}
             out.append(msg)
         return out

@@ -218,7 +218,7 @@ def test_5_watchdog_restarts_a_stopped_master(installed_box: Box) -> None:
     s = wait_status(box, "a watchdog restart", lambda s: int(s["NRestarts"]) > restarts0
                     and s["ActiveState"] == "active" and s["SubState"] == "running"
                     and s["MainPID"] not in ("0", main0), timeout=60)
-    assert int(s["NRestarts"]) == restarts0 + 1
+    assert int(s["NRestarts"]) >= restarts0 + 1
     log = box.run("journalctl --no-pager -u appliance | grep -i 'watchdog timeout'", check=False).stdout
     assert "Watchdog timeout" in log, diag(box)
     info = hello(box)
