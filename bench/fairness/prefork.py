@@ -12,7 +12,8 @@ accept mechanisms (``--mech``):
   shm            our own acceptor + a shared-memory array of open-connection counts, one slot
                  per worker: a worker accepts only while its count is the lowest (ties
                  allowed); otherwise it stops watching the socket and looks again after
-                 ``--recheck-ms``; after ``--max-defer-ms`` of deferring it accepts anyway
+                 ``--recheck-ms`` (default: next loop iteration); after ``--max-defer-ms``
+                 of deferring it accepts anyway
                  (so a stuck or busy peer can't stall accepts).
 
 Run: python -m bench.fairness.prefork --mech shm --workers 2 --app cpu --port 8100
@@ -130,7 +131,10 @@ class Acceptor:
         for _ in range(self.batch):
             if not self._may_accept():
                 self._unwatch()
-                self.loop.call_later(self.recheck_s, self._watch)
+                if self.recheck_s < 0.001:  # libuv timers have 1 ms resolution
+                    self.loop.call_soon(self._watch)
+                else:
+                    self.loop.call_later(self.recheck_s, self._watch)
                 return
             try:
                 conn, _ = self.sock.accept()
@@ -213,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app", choices=("hello", "cpu"), default="cpu")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--recheck-ms", type=float, default=1.0,
-                    help="a deferring worker looks at the socket again after this long")
+    ap.add_argument("--recheck-ms", type=float, default=0.0,
+                    help="a deferring worker looks at the socket again after this long; "
+                         "< 1 means on the next loop iteration (measured best)")
     ap.add_argument("--max-defer-ms", type=float, default=20.0,
                     help="after deferring this long a worker accepts anyway")
     ap.add_argument("--batch", type=int, default=1,
