@@ -121,15 +121,30 @@ class _Server(uvicorn.Server):
             self._beat()
         return await super().on_tick(counter)
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        for server in self.servers:
-            server.close()
-        for sock in sockets or []:
-            sock.close()
+    def begin_drain(self) -> None:
+        """Stop accepting and put every connection into drain mode, at once and only once.
+
+        Runs from the SIGTERM callback, not at uvicorn's next tick: the master counts a reload
+        as done when every old worker said "draining", and from then on a request on one of
+        our idle keep-alive connections must already be answered with ``Connection: close``.
+        """
+        if self._drain_state.draining:
+            return
         self._drain_state.draining = True
+        self.should_exit = True
+        for listening in getattr(self, "servers", ()):
+            listening.close()
         for connection in list(self.server_state.connections):
             connection.shutdown()
+        protocol.send(self._report_fd, "draining")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self.begin_drain()
+        for listening in self.servers:  # also those made after a SIGTERM during startup
+            listening.close()
+        for sock in sockets or []:
+            sock.close()
         deadline = loop.time() + self._settings.graceful_timeout_s
         while (self.server_state.connections or self.server_state.tasks) and (
             loop.time() < deadline and not self.force_exit
@@ -185,19 +200,15 @@ def serve(
     async def main() -> None:
         loop = asyncio.get_running_loop()
 
-        def stop() -> None:
-            # Stop accepting now, not at uvicorn's next tick: the master counts a reload as
-            # done once every old worker said "draining", i.e. no longer takes connections.
-            if not server.should_exit:
-                server.should_exit = True
-                for listening in getattr(server, "servers", ()):
-                    listening.close()
-                protocol.send(report_fd, "draining")
-
-        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGTERM, server.begin_drain)
         if alive_fd is not None:
-            # EOF on the master's pipe: the master died; drain and go.
-            loop.add_reader(alive_fd, stop)
+
+            def master_gone() -> None:
+                # EOF on the master's pipe: the master died; drain and go.
+                loop.remove_reader(alive_fd)
+                server.begin_drain()
+
+            loop.add_reader(alive_fd, master_gone)
         if on_loop is not None:
             on_loop()
         await server.serve(sockets=sockets)

@@ -279,3 +279,25 @@ def test_check_and_config_origin(workdir):
     assert bad.returncode == 1
     assert bad.stderr.startswith(f"{workdir}/conf.d/60-bad.toml: workers.count: ")
     assert "(got 0)" in bad.stderr
+
+
+def test_workers_exit_when_the_master_dies(start_master, workdir):
+    import time
+
+    m = start_master()
+    m.ready()
+    workers = m.worker_pids()
+    os.kill(m.pid, signal.SIGKILL)
+    m.wait()
+    deadline = time.monotonic() + 20
+    alive = set(workers)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+            except FileNotFoundError:
+                state = "gone"
+            if state in ("Z", "gone", "X"):
+                alive.discard(pid)
+        time.sleep(0.05)  # polling /proc with a deadline: there is no event to wait on
+    assert not alive, f"orphaned workers still running: {alive}"

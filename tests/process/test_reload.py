@@ -199,3 +199,34 @@ def test_max_requests_recycles_without_failures(start_master, workdir):
         m.logs.wait_for("worker.exited", count=3, reason="recycled", timeout=60)
         load.wait_requests(100)
     assert load.failures == []
+
+
+def test_idle_keepalive_connection_on_a_draining_worker_is_answered_then_closed(
+    start_master, workdir
+):
+    """The race peers lose requests to: a client reuses an idle keep-alive connection just as
+    its worker drains. We answer that request (with ``Connection: close``) instead of closing
+    the connection under it."""
+    import http.client
+    import json
+
+    m = start_master(base_config(workdir, workers={"count": 1}, http={"keepalive_timeout_s": 60}))
+    m.ready()
+    conn = http.client.HTTPConnection("127.0.0.1", m.port, timeout=30)
+    conn.request("GET", "/")
+    first = conn.getresponse()
+    old_pid = json.loads(first.read())["pid"]
+    assert first.getheader("connection") != "close"
+    mark = m.logs.mark()
+    m.signal(signal.SIGHUP)
+    m.logs.wait_for("reload.finished", since=mark, generation=2)
+    m.logs.wait_for("worker.draining", since=mark, pid=old_pid)
+    # The connection is idle on the draining worker; reuse it.
+    conn.request("GET", "/")
+    second = conn.getresponse()
+    body = json.loads(second.read())
+    assert second.status == 200 and body["pid"] == old_pid and body["generation"] == 1
+    assert second.getheader("connection") == "close"
+    m.logs.wait_for("worker.exited", since=mark, pid=old_pid, reason="replaced")
+    conn.close()
+    assert m.get("/")[1]["generation"] == 2
