@@ -91,7 +91,10 @@ def render(res: dict[str, Any], made: list[str]) -> str:
         "Load: `wrk` for the hello app; our client (`bench/client.py`, stdlib asyncio, counts",
         "every failure and which worker answered) for the cpu app and for reload/kill runs.",
         "Apps: `hello` returns a short body naming the pid; `cpu` does a fixed ~2 ms of",
-        "arithmetic (pure Python; the same loop in JS, calibrated to ~2 ms, for node).",
+        "arithmetic (pure Python; the same loop in JS for node, calibrated separately — JIT",
+        "speed varies, so compare node's cpu numbers only with node itself, i.e. its scaling).",
+        "Peers run one after another, so a change in the machine's background load between",
+        "peers shows up as a difference between peers: repeat before drawing close calls.",
         "",
     ]
     if res.get("skipped"):
