@@ -10,6 +10,7 @@ an action executed here.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import selectors
 import signal
@@ -390,6 +391,10 @@ class Master:
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         lane = self.board.claim()
+        # Move everything the master has allocated so far out of the collector's reach: a
+        # collection in the child would otherwise write to every object's header and copy the
+        # shared pages (copy-on-write) that make preloading and the engine import cheap.
+        gc.freeze()
         try:
             pid = os.fork()
         except OSError as exc:
