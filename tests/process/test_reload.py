@@ -230,3 +230,49 @@ def test_idle_keepalive_connection_on_a_draining_worker_is_answered_then_closed(
     m.logs.wait_for("worker.exited", since=mark, pid=old_pid, reason="replaced")
     conn.close()
     assert m.get("/")[1]["generation"] == 2
+
+
+def test_second_sighup_during_a_reload_is_coalesced(start_master, workdir):
+    m = start_master(base_config(workdir, workers={"count": 2}))
+    m.ready()
+    mark = m.logs.mark()
+    m.signal(signal.SIGHUP)
+    m.logs.wait_for("reload.started", since=mark, generation=2)
+    m.signal(signal.SIGHUP)
+    finished = m.logs.wait_for("reload.finished", since=mark)
+    assert finished["generation"] == 3
+    assert m.logs.find("reload.coalesced", since=mark)
+    assert {m.get("/")[1]["generation"] for _ in range(4)} == {3}
+
+
+def test_sigterm_during_a_reload_stops_cleanly(start_master, workdir):
+    import subprocess as sp
+    import threading
+
+    appdir = workdir / "app"
+    appdir.mkdir()
+    marker = workdir / "slow-boot"
+    (appdir / "slowboot.py").write_text(
+        "import os, sys, time\n"
+        f"if os.path.exists({str(marker)!r}):\n"
+        "    time.sleep(30)  # the new generation boots slowly: the reload stays in flight\n"
+        f"sys.path.insert(0, {str(APPS)!r})\n"
+        "from testapp import app\n"
+    )
+    m = start_master(base_config(workdir, app={"target": "slowboot:app", "directory": str(appdir)}))
+    m.ready()
+    marker.write_text("")
+    result: dict[str, sp.CompletedProcess[str]] = {}
+    mark = m.logs.mark()
+    t = threading.Thread(
+        target=lambda: result.update(r=reload_cli(workdir, workdir / "appliance.toml"))
+    )
+    t.start()
+    m.logs.wait_for("worker.spawned", since=mark, generation=2)
+    m.signal(signal.SIGTERM)
+    t.join(60)
+    assert m.wait() == 0
+    out = result["r"]
+    assert out.returncode == 1
+    assert "interrupted: the master is stopping" in out.stderr
+    assert m.logs.find("master.stopped")
