@@ -126,14 +126,15 @@ def serve(path: Path, *, explicit: bool) -> int:
         ) from None
 
     target, reason = _pool_target(settings)
-    current: dict[str, LoadedConfig] = {"loaded": loaded}
 
     def reload_config() -> tuple[Generation, bool] | str:
         try:
             new = load_config(path, explicit=explicit)
         except ConfigError as exc:
             return "; ".join(str(p) for p in exc.problems)
-        plan = plan_reload(current["loaded"].settings, new.settings)
+        # Diff against what the pool runs now (an aborted reload reverted to the old config).
+        running: LoadedConfig = state_box["master"].state.current.config
+        plan = plan_reload(running.settings, new.settings)
         if plan.restart:
             return plan.restart_error()
         new_target, new_reason = _pool_target(new.settings)
@@ -150,7 +151,6 @@ def serve(path: Path, *, explicit: bool) -> int:
                 message="app.preload is on: new workers run the app code the master imported "
                 "at start; restart the service to load new application code",
             )
-        current["loaded"] = new
         live_only = plan.live_only and new_target == target_now()
         return generation_for(new, new_target), live_only
 

@@ -276,3 +276,29 @@ def test_sigterm_during_a_reload_stops_cleanly(start_master, workdir):
     assert out.returncode == 1
     assert "interrupted: the master is stopping" in out.stderr
     assert m.logs.find("master.stopped")
+
+
+def test_after_an_aborted_reload_the_next_plan_diffs_against_what_runs(start_master, workdir):
+    """An aborted reload reverts to the old config; the next reload must not treat the aborted
+    config as the running one (here: keepalive_timeout_s would silently never apply)."""
+    appdir = workdir / "app"
+    appdir.mkdir()
+    good = (APPS / "testapp.py").read_text()
+    (appdir / "app3.py").write_text(good)
+    cfg = base_config(workdir, app={"target": "app3:app", "directory": str(appdir)})
+    m = start_master(cfg)
+    m.ready()
+    path = workdir / "appliance.toml"
+    (appdir / "app3.py").write_text("raise RuntimeError('broken for a moment')\n")
+    cfg["http"] = {"keepalive_timeout_s": 7}
+    write_config(workdir, cfg)
+    assert reload_cli(workdir, path).returncode == 1
+    (appdir / "app3.py").write_text(good)
+    cfg["log"]["level"] = "warning"
+    write_config(workdir, cfg)
+    mark = m.logs.mark()
+    out = reload_cli(workdir, path)
+    assert out.returncode == 0, out.stderr
+    assert "no worker replaced" not in out.stdout
+    planned = m.logs.find("reload.planned", since=mark)[0]
+    assert "http.keepalive_timeout_s" in planned["rolling"]
