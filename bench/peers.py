@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-PEERS = ("appliance", "uvicorn", "gunicorn-uvicorn", "gunicorn-sync", "node")
+PEERS = ("appliance", "appliance-kernel", "uvicorn", "gunicorn-uvicorn", "gunicorn-sync",
+         "node")
+#: Peers that are a variant of another, measured only where the variant matters (the cpu app
+#: of the throughput scenario and the master-CPU scenario): appliance with ``[http] accept =
+#: "kernel"`` (every worker accepts as fast as it can), beside the default "balanced".
+VARIANTS = ("appliance-kernel",)
+#: Python peers an appliance ratio is computed against ("best Python peer").
+PYTHON_PEERS = ("uvicorn", "gunicorn-uvicorn", "gunicorn-sync")
 
 
 @dataclass
@@ -31,6 +40,10 @@ class Running:
     app: str
     reload_note: str = ""
     tmp: list[str] = field(default_factory=list)
+    #: Seconds from spawn to the master's READY=1 (appliance only: sd_notify to our socket).
+    ready_s: float | None = None
+    notify: socket.socket | None = None
+    t0: float = 0.0
 
     @property
     def master_pid(self) -> int:
@@ -54,6 +67,9 @@ class Running:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         for t in self.tmp:
             shutil.rmtree(t, ignore_errors=True)
 
@@ -72,7 +88,7 @@ def children(pid: int) -> list[int]:
 
 def available(name: str) -> str | None:
     """None when the peer can run here, else the reason it can't."""
-    need = {"appliance": "appliance", "uvicorn": "uvicorn", "gunicorn-uvicorn": "gunicorn",
+    need = {"appliance": "appliance", "appliance-kernel": "appliance", "uvicorn": "uvicorn", "gunicorn-uvicorn": "gunicorn",
             "gunicorn-sync": "gunicorn"}
     if name == "node":
         return None if shutil.which("node") else "node not installed"
@@ -98,7 +114,7 @@ def command(name: str, port: int, workers: int, app: str) -> tuple[list[str], di
     addr = f"127.0.0.1:{port}"
     env: dict[str, str] = {}
     tmp: list[str] = []
-    if name == "appliance":
+    if name in ("appliance", "appliance-kernel"):
         d = tempfile.mkdtemp(prefix="bench-appliance-")
         tmp.append(d)
         cfg = Path(d) / "appliance.toml"
@@ -113,7 +129,8 @@ def command(name: str, port: int, workers: int, app: str) -> tuple[list[str], di
             'name = "http"\n'
             f'address = "{addr}"\n'
             "[log]\n"
-            'level = "warning"\n')
+            'level = "warning"\n'
+            + ('[http]\naccept = "kernel"\n' if name == "appliance-kernel" else ""))
         return [_exe("appliance"), "serve", "--config", str(cfg)], env, tmp
     if name == "uvicorn":
         return [_exe("uvicorn"), f"bench.apps.asgi:{app}", "--host", "127.0.0.1", "--port",
@@ -133,6 +150,7 @@ def command(name: str, port: int, workers: int, app: str) -> tuple[list[str], di
 
 RELOAD_NOTES = {
     "appliance": "kill -HUP master (appliance's rolling reload)",
+    "appliance-kernel": "kill -HUP master (appliance's rolling reload)",
     "uvicorn": "kill -HUP master (uvicorn restarts its workers)",
     "gunicorn-uvicorn": "kill -HUP arbiter (gunicorn graceful reload)",
     "gunicorn-sync": "kill -HUP arbiter (gunicorn graceful reload)",
@@ -148,16 +166,27 @@ def start(name: str, port: int, workers: int, app: str, *, log: Path | None = No
     env = dict(os.environ)
     env.update(extra)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    notify = None
+    if name.startswith("appliance") and tmp:
+        # Our own NOTIFY_SOCKET, so the bench sees when the master says READY=1.
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        path = os.path.join(tmp[0], "notify")
+        notify.bind(path)
+        notify.setblocking(False)
+        env["NOTIFY_SOCKET"] = path
     out = open(log, "ab") if log else subprocess.DEVNULL
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    run = Running(name, proc, port, workers, app, RELOAD_NOTES[name], tmp)
-    first = wait_first_response(port, t0 + ready_timeout_s, proc)
+    run = Running(name, proc, port, workers, app, RELOAD_NOTES[name], tmp, notify=notify,
+                  t0=t0)
+    first = wait_first_response(port, t0 + ready_timeout_s, proc, run)
     if first is None:
         run.stop()
         raise RuntimeError(f"{name} did not answer on port {port} within {ready_timeout_s}s"
                            + (f" (log: {log})" if log else ""))
+    if notify is not None:
+        _poll_ready(run, t0, min(first + 5.0, t0 + ready_timeout_s))
     # Wait until all workers exist (a pool may answer before the last worker is up).
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline and len(run.worker_pids()) < workers:
@@ -166,14 +195,36 @@ def start(name: str, port: int, workers: int, app: str, *, log: Path | None = No
     return run, first - t0
 
 
+def _poll_ready(run: Running, t0: float, until: float, wait: bool = True) -> None:
+    """Read sd_notify datagrams; note the first READY=1 (as seconds since spawn)."""
+    sock = run.notify
+    while sock is not None and run.ready_s is None:
+        now = time.monotonic()
+        if now >= until:
+            return
+        if not select.select([sock], [], [], (until - now) if wait else 0)[0]:
+            if not wait:
+                return
+            continue
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            continue
+        if b"READY=1" in data.split(b"\n"):
+            run.ready_s = time.monotonic() - t0
+
+
 def wait_first_response(port: int, deadline: float, proc: subprocess.Popen[bytes] | None = None,
-                        ) -> float | None:
-    """Poll GET / every 5 ms; monotonic time of the first 200, or None."""
+                        run: Running | None = None) -> float | None:
+    """Poll GET / every 5 ms; monotonic time of the first 200, or None. (Also notes READY=1
+    of ``run`` if it arrives meanwhile: the spawn time is taken from the caller.)"""
     import http.client
 
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             return None
+        if run is not None and run.notify is not None:
+            _poll_ready(run, run.t0, deadline, wait=False)
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             c.request("GET", "/")
