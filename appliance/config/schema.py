@@ -243,7 +243,7 @@ class AppSettings(BaseModel):
         Field(
             strict=True,
             min_length=1,
-            description="Directory to change to and put first on `sys.path` before importing "
+            description="Directory put first on `sys.path` before importing "
             "the application; unset means the working directory at start.",
             examples=["/srv/myapp"],
         ),
