@@ -446,7 +446,13 @@ def _reload_line(reload: object, now: float | None) -> str:
         return "-"
     parts: list[str] = []
     if reload.get("state") == "in_progress":
-        parts.append("in progress")
+        text = "in progress"
+        if reload.get("generation") is not None:
+            text += (
+                f": generation {_cell(reload.get('generation'))}, "
+                f"{_cell(reload.get('replaced'))}/{_cell(reload.get('total'))} workers replaced"
+            )
+        parts.append(text)
     last = reload.get("last")
     if isinstance(last, Mapping):
         when = _when(last.get("finished_unix"), now)
@@ -454,6 +460,8 @@ def _reload_line(reload: object, now: float | None) -> str:
             text = f"last ok, generation {_cell(last.get('generation'))}"
             if last.get("replaced") is not None:
                 text += f", {_cell(last.get('replaced'))} worker(s) replaced"
+            elif last.get("message"):
+                text += f" ({last.get('message')})"
         else:
             text = f"last FAILED: {_cell(last.get('error'))}"
         if when:

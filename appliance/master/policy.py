@@ -256,11 +256,13 @@ def status_text(state: MasterState) -> str:
 def snapshot(state: MasterState, now: float) -> dict[str, Any]:
     """The status document served on the control socket (times relative to ``now``)."""
     last = state.last_reload
+    run = state.reload
     return {
         "phase": state.phase.value,
         "generation": state.current.number,
         "target": state.target,
-        "ready": len(_ready_fresh_slots(state.workers, state.current.number, state.target)),
+        # Serving capacity: ready workers of any generation (old ones serve during a reload).
+        "ready": sum(1 for w in state.workers if w.state is WState.READY),
         "config_digest": state.current.digest,
         "status": state.status_text,
         "uptime_s": round(now - state.started_at, 3),
@@ -279,13 +281,24 @@ def snapshot(state: MasterState, now: float) -> dict[str, Any]:
             for w in sorted(state.workers, key=lambda w: (w.slot, w.generation, w.key))
         ],
         "reload": {
-            "state": "in_progress" if state.reload is not None else "idle",
+            "state": "in_progress" if run is not None else "idle",
+            **(
+                {}
+                if run is None
+                else {
+                    "generation": run.generation,
+                    "replaced": run.replaced,
+                    "total": state.target,
+                    "running_s": round(now - run.started_at, 3),
+                }
+            ),
             "last": None
             if last is None
             else {
                 "ok": last.ok,
                 "generation": last.generation,
                 "message": last.message,
+                "error": None if last.ok else last.message,
                 "age_s": round(now - last.finished_at, 3),
             },
         },

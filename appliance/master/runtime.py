@@ -297,6 +297,12 @@ class Master:
                 case "status":
                     status = policy.snapshot(self.state, time.monotonic())
                     status["pid"] = os.getpid()
+                    # The policy counts in monotonic time; people read wall-clock times.
+                    wall = time.time()
+                    status["started_at_unix"] = round(wall - status["uptime_s"], 3)
+                    last = status["reload"]["last"]
+                    if last is not None:
+                        last["finished_unix"] = round(wall - last["age_s"], 3)
                     conn.send({"ok": True, "status": status})
                 case "reload":
                     rid = self._request_id()
