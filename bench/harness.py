@@ -44,6 +44,7 @@ import sysconfig
 import threading
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from bench import client, peers
@@ -138,9 +139,22 @@ def wrk(port: int, conc: int, secs: float, close: bool = False) -> dict[str, Any
     }
 
 
-def med(xs: list[float | None]) -> float | None:
+def med(xs: Sequence[float | None]) -> float | None:
     ys = [x for x in xs if x is not None]
     return statistics.median(ys) if ys else None
+
+
+def python_cpu_work_ms() -> float:
+    """Median time of one call of the cpu app's loop in this interpreter, in ms."""
+    from bench.apps.work import cpu_work
+
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            cpu_work()
+        times.append((time.perf_counter() - t0) / 20 * 1000)
+    return round(statistics.median(times), 3)
 
 
 def rotated(items: list[Any], rep: int, reps: int) -> list[Any]:
@@ -253,7 +267,10 @@ class Bench:
         running = {}
         for peer, w in insts:
             try:
-                running[(peer, w)] = self.start(peer, w, app)[0]
+                run = self.start(peer, w, app)[0]
+                # Warm-up, the same for everyone (JIT, caches, lazily imported code).
+                client.run(f"http://127.0.0.1:{run.port}/", 2, 0.5)
+                running[(peer, w)] = run
             except Exception as e:  # one broken peer must not lose the others' results
                 self.say(f"{peer} w={w} {app}: start FAILED: {e!r}")
                 self.skipped[f"{peer}/{scenario}/{app}/w{w}"] = repr(e)
@@ -419,7 +436,7 @@ class Bench:
                 t.join(budget + 10)  # in-flight requests finish (bounded by the timeout)
             stop_at = time.monotonic()
             run.stop()
-        per_mode = {}
+        per_mode: dict[str, dict[str, Any]] = {}
         for mode, res in box.items():
             per_mode[mode] = {"failed": len([ft for ft in res.failure_times if ft < stop_at]),
                               "failures": failure_kinds(res, stop_at), "ok": res.ok}
@@ -436,7 +453,7 @@ class Bench:
         return row
 
     def kill(self, peer: str) -> dict[str, Any]:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for _ in range(self.a.kills):
             run, _ = self.start(peer, self.a.workers, "hello")
             halt = threading.Event()
@@ -468,8 +485,9 @@ class Bench:
                "replacement_ms_max": max((r["replacement_ms"] for r in rows
                                           if r["replacement_ms"] is not None), default=None),
                "runs": rows}
-        self.say(f"{peer} kill -9: failed={[r['failed'] for r in rows]} replacement ms="
-                 f"{[None if r['replacement_ms'] is None else round(r['replacement_ms'], 1) for r in rows]}")
+        reps_ms = [None if r["replacement_ms"] is None else round(r["replacement_ms"], 1)
+                   for r in rows]
+        self.say(f"{peer} kill -9: failed={[r['failed'] for r in rows]} replacement ms={reps_ms}")
         return out
 
     def memory(self, peer: str) -> dict[str, Any]:
@@ -477,7 +495,7 @@ class Bench:
         try:
             client.run(f"http://127.0.0.1:{run.port}/", 4, 1.0)
             procs = [("master", run.master_pid)] + [("child", p) for p in run.worker_pids()]
-            detail = []
+            detail: list[dict[str, Any]] = []
             for role, pid in procs:
                 detail.append({"role": role, "pid": pid, "pss_kib": pss_kib(pid) or 0,
                                "by_kind_kib": pss_by_kind(pid),
@@ -592,6 +610,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "concs": a.concs, "method": "interleaved",
         "versions": versions(), "machine": machine(), "skipped": {},
         **{s: [] for s in SCENARIOS}}
+    result["python_cpu_work_ms"] = python_cpu_work_ms()
+    peers.NODE_CPU_TARGET_MS = result["python_cpu_work_ms"]
+    b.say(f"python cpu loop: {result['python_cpu_work_ms']:.3f} ms (node's is calibrated to it)")
     if not a.no_compile:
         result["bytecode"] = precompile()
         b.say(f"byte-compiled appliance/, bench/, site-packages in "
@@ -639,6 +660,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     with open("/proc/loadavg") as f:
         result["machine"]["loadavg_at_end"] = f.read().split()[:3]
+    # appliance is an editable install: note if the tree moved while the bench ran.
+    result["versions"]["appliance_git_at_end"] = versions().get("appliance_git", "")
     b.say(f"done in {result['elapsed_s']} s; machine: {result['monitor']['cpu'].get('all')}")
     return result
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ PEERS = ("appliance", "appliance-kernel", "uvicorn", "gunicorn-uvicorn", "gunico
 VARIANTS = ("appliance-kernel",)
 #: Python peers an appliance ratio is computed against ("best Python peer").
 PYTHON_PEERS = ("uvicorn", "gunicorn-uvicorn", "gunicorn-sync")
+#: Milliseconds the Python cpu loop takes here (set by the harness); node's cpu app calibrates
+#: its own loop to the same time (see bench/node/server.js).
+NODE_CPU_TARGET_MS: float | None = None
 
 
 @dataclass
@@ -88,7 +92,8 @@ def children(pid: int) -> list[int]:
 
 def available(name: str) -> str | None:
     """None when the peer can run here, else the reason it can't."""
-    need = {"appliance": "appliance", "appliance-kernel": "appliance", "uvicorn": "uvicorn", "gunicorn-uvicorn": "gunicorn",
+    need = {"appliance": "appliance", "appliance-kernel": "appliance", "uvicorn": "uvicorn",
+            "gunicorn-uvicorn": "gunicorn",
             "gunicorn-sync": "gunicorn"}
     if name == "node":
         return None if shutil.which("node") else "node not installed"
@@ -130,6 +135,9 @@ def command(name: str, port: int, workers: int, app: str) -> tuple[list[str], di
             f'address = "{addr}"\n'
             "[log]\n"
             'level = "warning"\n'
+            # Own control socket: several appliance peers run side by side.
+            "[control]\n"
+            f'path = "{d}/control.sock"\n'
             + ('[http]\naccept = "kernel"\n' if name == "appliance-kernel" else ""))
         return [_exe("appliance"), "serve", "--config", str(cfg)], env, tmp
     if name == "uvicorn":
@@ -144,6 +152,8 @@ def command(name: str, port: int, workers: int, app: str) -> tuple[list[str], di
                 "--log-level", "warning", f"bench.apps.wsgi:{app}"], env, tmp
     if name == "node":
         env = {"PORT": str(port), "WORKERS": str(workers), "APP": app, "HOST": "127.0.0.1"}
+        if NODE_CPU_TARGET_MS:
+            env["JS_CPU_TARGET_MS"] = f"{NODE_CPU_TARGET_MS:.3f}"
         return ["node", str(ROOT / "bench" / "node" / "server.js")], env, tmp
     raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
 
@@ -180,51 +190,53 @@ def start(name: str, port: int, workers: int, app: str, *, log: Path | None = No
                             start_new_session=True)
     run = Running(name, proc, port, workers, app, RELOAD_NOTES[name], tmp, notify=notify,
                   t0=t0)
-    first = wait_first_response(port, t0 + ready_timeout_s, proc, run)
+    if notify is not None:
+        threading.Thread(target=_drain_notify, args=(run,), daemon=True).start()
+    first = wait_first_response(port, t0 + ready_timeout_s, proc)
     if first is None:
         run.stop()
         raise RuntimeError(f"{name} did not answer on port {port} within {ready_timeout_s}s"
                            + (f" (log: {log})" if log else ""))
     if notify is not None:
-        _poll_ready(run, t0, min(first + 5.0, t0 + ready_timeout_s))
+        until = min(first + 5.0, t0 + ready_timeout_s)
+        while run.ready_s is None and time.monotonic() < until:
+            time.sleep(0.005)
     # Wait until all workers exist (a pool may answer before the last worker is up).
+    # (uvicorn --workers 1 serves from the main process: no children to wait for.)
+    want = 0 if name == "uvicorn" and workers == 1 else workers
     deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline and len(run.worker_pids()) < workers:
+    while time.monotonic() < deadline and len(run.worker_pids()) < want:
         time.sleep(0.05)
     time.sleep(0.3)
     return run, first - t0
 
 
-def _poll_ready(run: Running, t0: float, until: float, wait: bool = True) -> None:
-    """Read sd_notify datagrams; note the first READY=1 (as seconds since spawn)."""
+def _drain_notify(run: Running) -> None:
+    """Read the master's sd_notify datagrams for as long as it runs (as systemd would: an
+    unread queue of net.unix.max_dgram_qlen datagrams blocks the sender) and note the first
+    READY=1 as seconds since spawn."""
     sock = run.notify
-    while sock is not None and run.ready_s is None:
-        now = time.monotonic()
-        if now >= until:
-            return
-        if not select.select([sock], [], [], (until - now) if wait else 0)[0]:
-            if not wait:
-                return
-            continue
+    while sock is not None and run.proc.poll() is None and run.notify is sock:
         try:
+            if not select.select([sock], [], [], 0.2)[0]:
+                continue
             data = sock.recv(4096)
         except BlockingIOError:
             continue
-        if b"READY=1" in data.split(b"\n"):
-            run.ready_s = time.monotonic() - t0
+        except (OSError, ValueError):  # closed by stop()
+            return
+        if run.ready_s is None and b"READY=1" in data.split(b"\n"):
+            run.ready_s = time.monotonic() - run.t0
 
 
 def wait_first_response(port: int, deadline: float, proc: subprocess.Popen[bytes] | None = None,
-                        run: Running | None = None) -> float | None:
-    """Poll GET / every 5 ms; monotonic time of the first 200, or None. (Also notes READY=1
-    of ``run`` if it arrives meanwhile: the spawn time is taken from the caller.)"""
+                        ) -> float | None:
+    """Poll GET / every 5 ms; monotonic time of the first 200, or None."""
     import http.client
 
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             return None
-        if run is not None and run.notify is not None:
-            _poll_ready(run, run.t0, deadline, wait=False)
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             c.request("GET", "/")

@@ -1,8 +1,11 @@
 // Node.js cluster peer for the bench, plain `http`: a primary forks WORKERS workers, restarts
 // any that exits, rolls them one at a time on SIGHUP (new one listening before the old one
 // disconnects), and stops on SIGTERM/SIGINT. Apps: APP=hello (short body naming the pid) or
-// APP=cpu (a fixed ~2 ms of arithmetic; JS_CPU_ITERATIONS=330000 is ~2 ms of warmed-up JIT here, as
-// the Python loop of bench/apps/work.py is).
+// APP=cpu (a fixed amount of arithmetic per request, the same loop as bench/apps/work.py).
+// How many iterations: JS_CPU_ITERATIONS if set; else, when JS_CPU_TARGET_MS is set (the harness
+// passes the time the Python loop takes on this machine), each worker warms the loop up at start
+// (the JIT changes its speed by 3x over the first seconds) and picks the count that takes that
+// long; else 330000.
 // Usage: PORT=8000 WORKERS=2 APP=hello node bench/node/server.js
 'use strict';
 const cluster = require('node:cluster');
@@ -12,7 +15,8 @@ const PORT = Number(process.env.PORT || 8000);
 const HOST = process.env.HOST || '127.0.0.1';
 const WORKERS = Number(process.env.WORKERS || 2);
 const APP = process.env.APP || 'hello';
-const JS_CPU_ITERATIONS = Number(process.env.JS_CPU_ITERATIONS || 330000);
+let JS_CPU_ITERATIONS = Number(process.env.JS_CPU_ITERATIONS || 330000);
+const JS_CPU_TARGET_MS = Number(process.env.JS_CPU_TARGET_MS || 0);
 
 function cpuWork(n) {
   let x = 0;
@@ -61,6 +65,16 @@ if (cluster.isPrimary) {
   });
   for (let i = 0; i < WORKERS; i++) forkOne();
 } else {
+  if (APP === 'cpu' && !process.env.JS_CPU_ITERATIONS && JS_CPU_TARGET_MS > 0) {
+    // Warm up (bounded: at most ~1 s), then time the loop and scale the count to the target.
+    const warmUntil = Date.now() + 1000;
+    for (let k = 0; k < 400 && Date.now() < warmUntil; k++) cpuWork(330000);
+    const t0 = process.hrtime.bigint();
+    for (let k = 0; k < 50; k++) cpuWork(330000);
+    const msPer = Number(process.hrtime.bigint() - t0) / 1e6 / 50;
+    JS_CPU_ITERATIONS = Math.max(1000, Math.round(330000 * JS_CPU_TARGET_MS / msPer));
+    console.log(`cpu loop: ${JS_CPU_ITERATIONS} iterations for ${JS_CPU_TARGET_MS} ms`);
+  }
   const server = http.createServer((req, res) => {
     let body;
     if (APP === 'cpu') body = `cpu ${cpuWork(JS_CPU_ITERATIONS)} from pid=${process.pid}\n`;

@@ -87,7 +87,8 @@ def test_tiny_harness_run_against_appliance(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     rc = harness.main(["--peers", "appliance", "--scenarios", "throughput,memory",
                        "--reps", "1", "--secs", "0.5", "--concs", "2", "--workers", "1",
-                       "--no-wrk", "--no-report", "--port", str(random.randrange(20000, 29000)),
+                       "--no-wrk", "--no-report", "--no-compile",
+                       "--port", str(random.randrange(20000, 29000)),
                        "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -99,6 +100,33 @@ def test_tiny_harness_run_against_appliance(tmp_path: Path) -> None:
         assert r["rps"] > 0, r
         assert r["busiest_share"] == 1.0  # one worker answered everything
     assert res["memory"][0]["total_pss_mib"] > 0
+    assert [p["role"] for p in res["memory"][0]["processes"]][:1] == ["master"]
+    assert res["monitor"]["cpu"]["throughput"]["busy_pct"] >= 0
+
+
+def test_rotation_spreads_the_order() -> None:
+    items = list("abcde")
+    orders = [harness.rotated(items, rep, 3) for rep in range(3)]
+    assert all(sorted(o) == items for o in orders)
+    assert len({o[0] for o in orders}) == 3  # nobody always goes first
+
+
+def test_ratios_are_computed_within_a_repetition() -> None:
+    from bench import report
+
+    def row(peer: str, w: int, rps: list[float]) -> dict:
+        return {"peer": peer, "workers": w, "app": "hello", "concurrency": 4,
+                "rps": sorted(rps)[len(rps) // 2],
+                "reps": [{"rep": i, "rps": x} for i, x in enumerate(rps)]}
+
+    # A noisy machine: rep 1 is slow for everyone; appliance is 0.9x uvicorn in every rep.
+    rows = [row("appliance", 2, [900, 450, 1800]), row("uvicorn", 2, [1000, 500, 2000]),
+            row("gunicorn-sync", 2, [100, 50, 200]),
+            row("appliance", 1, [600, 300, 1200])]
+    x = report.ratio_to_best_python(rows, "hello", 2, 4)
+    assert x is not None and abs(x["median"] - 0.9) < 1e-9 and x["best"] == "uvicorn"
+    sc = report.scaling(rows, "appliance", "hello", 2, 4)
+    assert sc is not None and abs(sc["median"] - 1.5) < 1e-9
 
 
 def test_report_renders_from_a_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
