@@ -228,6 +228,9 @@ def combine(*messages: str) -> str:
 
 # --- the notify socket ----------------------------------------------------------------------
 
+#: Longest the master waits for room on the notify socket before dropping a message.
+SEND_TIMEOUT_S = 0.25
+
 
 class _Transport(sdnotify.SystemdNotifier):  # type: ignore[misc]  # sdnotify is untyped
     """sdnotify's notifier with the address injected and errors never swallowed.
@@ -245,6 +248,10 @@ class _Transport(sdnotify.SystemdNotifier):  # type: ignore[misc]  # sdnotify is
         except BaseException:
             self.socket.close()
             raise
+        # A datagram socket blocks when the receiver's queue is full (net.unix.max_dgram_qlen,
+        # as low as 10): a busy or absent reader must cost the master a bounded moment and a
+        # lost message, never a wedged event loop.
+        self.socket.settimeout(SEND_TIMEOUT_S)
 
 
 class Notifier:

@@ -352,7 +352,8 @@ class Master:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.Signals[name])
                 case Notify(message=message):
-                    self.deps.notifier.send(message)
+                    if not self.deps.notifier.send(message) and self.deps.notifier.enabled:
+                        self.log.warning("notify.failed", message=message.splitlines()[0])
                 case Log(level=level, event=event, fields=fields):
                     getattr(self.log, level)(event, **dict(fields))
                 case ApplyLive(generation=gen):

@@ -260,3 +260,27 @@ def test_notifier_close_is_permanent(notify_sock: tuple[str, socket.socket]) -> 
     notifier.close()
     assert not notifier.enabled
     assert notifier.send("READY=1") is False
+
+
+def test_notify_never_wedges_the_master_when_nobody_reads(tmp_path) -> None:
+    """A full notify queue (nobody reading) costs a dropped message, not a blocked master."""
+    import socket as _socket
+
+    from appliance.systemd import Notifier
+
+    path = tmp_path / "n.sock"
+    receiver = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    try:
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(path)})
+        results = []
+        for i in range(2000):  # the queue holds net.unix.max_dgram_qlen datagrams (10 here)
+            results.append(notifier.send(f"STATUS={i}"))
+            if not results[-1]:
+                break
+        assert results[0] is True
+        assert results[-1] is False, "the queue filled up and the send gave up instead of blocking"
+        receiver.recv(65536)
+        assert notifier.send("READY=1") is True, "it recovers once there is room again"
+    finally:
+        receiver.close()
