@@ -24,19 +24,23 @@ from typing import Any
 
 import tomli_w
 
+from appliance.systemd import CHILD_ENV_VARS
+
 APPS = Path(__file__).resolve().parent.parent / "apps"
 REPO = Path(__file__).resolve().parents[2]
-_SYSTEMD_VARS = (
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "JOURNAL_STREAM",
-    "RUNTIME_DIRECTORY",
-    "APPLIANCE_CONFIG",
-)
+# Whatever the test runner itself got from systemd must not leak into the masters it starts.
+_SYSTEMD_VARS = (*CHILD_ENV_VARS, "JOURNAL_STREAM", "RUNTIME_DIRECTORY", "APPLIANCE_CONFIG")
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``appliance ARGS`` (status, reload, scale, ...) the way an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def clean_env(**extra: str) -> dict[str, str]:
