@@ -10,10 +10,11 @@ only check that its module can be found), open the control socket, then hand ove
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from appliance import log, systemd
+from appliance import __version__, log, systemd
 from appliance.config.load import ConfigError, LoadedConfig, load_config
 from appliance.config.schema import Settings, resolve_control_path
 from appliance.importer import AppImportError, check_importable, import_app
@@ -21,6 +22,7 @@ from appliance.master import policy
 from appliance.master.events import Generation
 from appliance.master.plan import generation_for, plan_reload
 from appliance.master.runtime import Master, MasterDeps
+from appliance.master.state import MasterState
 from appliance.sizing import size_pool
 from appliance.sockets import Listener, ListenError, adopt_listener, bind_listener, close_listeners
 
@@ -127,13 +129,13 @@ def serve(path: Path, *, explicit: bool) -> int:
 
     target, reason = _pool_target(settings)
 
-    def reload_config() -> tuple[Generation, bool] | str:
+    def reload_config(running_state: MasterState) -> tuple[Generation, bool] | str:
         try:
             new = load_config(path, explicit=explicit)
         except ConfigError as exc:
             return "; ".join(str(p) for p in exc.problems)
         # Diff against what the pool runs now (an aborted reload reverted to the old config).
-        running: LoadedConfig = state_box["master"].state.current.config
+        running: LoadedConfig = running_state.current.config
         plan = plan_reload(running.settings, new.settings)
         if plan.restart:
             return plan.restart_error()
@@ -151,16 +153,11 @@ def serve(path: Path, *, explicit: bool) -> int:
                 message="app.preload is on: new workers run the app code the master imported "
                 "at start; restart the service to load new application code",
             )
-        live_only = plan.live_only and new_target == target_now()
+        live_only = plan.live_only and new_target == running_state.target
         return generation_for(new, new_target), live_only
 
-    state_box: dict[str, Master] = {}
-
-    def target_now() -> int:
-        return state_box["master"].state.target
-
     generation = generation_for(loaded, target)
-    state = policy.initial_state(generation, watchdog_interval_s=watchdog_s, now=_now())
+    state = policy.initial_state(generation, watchdog_interval_s=watchdog_s, now=time.monotonic())
     deps = MasterDeps(
         sockets=[listener.sock for listener in listeners],
         notifier=notifier,
@@ -171,11 +168,10 @@ def serve(path: Path, *, explicit: bool) -> int:
         on_exit=[lambda: close_listeners(listeners), control.close],
     )
     master = Master(state, deps)
-    state_box["master"] = master
     logger.info(
         "master.started",
         pid=pid,
-        version=_version(),
+        version=__version__,
         config_files=[str(f) for f in loaded.files],
         listeners=[
             {
@@ -203,15 +199,3 @@ def _sockname(listener: Listener) -> str:
         host, port = name[0], name[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return f"unix:{name}" if name else "unix:?"
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
-
-
-def _version() -> str:
-    from appliance import __version__
-
-    return __version__

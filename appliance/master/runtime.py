@@ -76,7 +76,9 @@ class MasterDeps:
 
     sockets: list[socket.socket]
     notifier: Any  # appliance.systemd.Notifier
-    reload_config: Callable[[], tuple[Generation, bool] | str]
+    #: Re-read the config for the pool as it runs now: a new generation (and whether only live
+    #: settings changed), or the reason it cannot be used.
+    reload_config: Callable[[MasterState], tuple[Generation, bool] | str]
     engine_settings: Callable[[Generation], Any]
     preloaded_app: Any = None
     control: Any = None  # appliance.control.ControlServer
@@ -331,7 +333,7 @@ class Master:
         return rid
 
     def _reload(self, rid: int, source: str) -> None:
-        result = self.deps.reload_config()
+        result = self.deps.reload_config(self.state)
         if isinstance(result, str):
             self.pending.append(ConfigRejected(rid, result, source))
         else:
