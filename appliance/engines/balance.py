@@ -106,25 +106,24 @@ def may_accept(
 class _Counter:
     """Open connections of this worker across all its listening sockets."""
 
-    def __init__(self, board: LoadBoard | None, lane: int | None) -> None:
+    def __init__(self, board: LoadBoard, lane: int) -> None:
         self.open = 0
-        self.board = board if lane is not None else None
-        self.lane = lane if lane is not None else 0
+        self.board = board
+        self.lane = lane
         self.accepting = 0
 
     def publish(self) -> None:
-        if self.board is not None:
-            if self.accepting:
-                self.board.publish(self.lane, self.open)
-            else:
-                self.board.mark_dead(self.lane)
+        if self.accepting:
+            self.board.publish(self.lane, self.open)
+        else:
+            self.board.mark_dead(self.lane)
 
     def lowest_other(self) -> int:
-        return self.board.lowest_other(self.lane) if self.board is not None else _DEAD
+        return self.board.lowest_other(self.lane)
 
 
 class Acceptor:
-    """Accepts connections for one listening socket on the worker's loop, one per wake-up.
+    """Accepts connections for one listening socket on the worker's loop.
 
     Stands in for the ``asyncio.Server`` uvicorn expects from ``loop.create_server``
     (``close``, ``wait_closed``, ``is_serving``, ``sockets``). ``close`` stops watching the
@@ -144,7 +143,6 @@ class Acceptor:
         self._fd = sock.fileno()
         self._counter = counter
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        self._watching = False
         self._closed = False
         self._deferring_since: float | None = None
         self._done: asyncio.Future[None] = loop.create_future()
@@ -152,17 +150,7 @@ class Acceptor:
         sock.setblocking(False)
         counter.accepting += 1
         counter.publish()
-        self._watch()
-
-    def _watch(self) -> None:
-        if not self._watching and not self._closed:
-            self._loop.add_reader(self._fd, self._on_readable)
-            self._watching = True
-
-    def _unwatch(self) -> None:
-        if self._watching:
-            self._loop.remove_reader(self._fd)
-            self._watching = False
+        loop.add_reader(self._fd, self._on_readable)
 
     def _on_readable(self) -> None:
         # Accept while we are (still) the least loaded, a few per wake-up: a burst of new
@@ -215,7 +203,7 @@ class Acceptor:
     def close(self) -> None:
         if self._closed:
             return
-        self._unwatch()
+        self._loop.remove_reader(self._fd)
         self._closed = True
         self._counter.accepting -= 1
         self._counter.publish()
@@ -229,9 +217,7 @@ class Acceptor:
         return not self._closed
 
 
-def loop_factory(
-    board: LoadBoard | None, lane: int | None
-) -> Callable[[], asyncio.AbstractEventLoop]:
+def loop_factory(board: LoadBoard, lane: int) -> Callable[[], asyncio.AbstractEventLoop]:
     """A uvloop factory whose ``create_server(sock=...)`` returns a balanced :class:`Acceptor`."""
     counter = _Counter(board, lane)
 
@@ -239,7 +225,7 @@ def loop_factory(
         async def create_server(
             self, protocol_factory: Any, *args: Any, sock: Any = None, **kw: Any
         ) -> Any:
-            if sock is None or board is None or lane is None:
+            if sock is None:
                 return await super().create_server(protocol_factory, *args, sock=sock, **kw)
             return Acceptor(self, protocol_factory, sock, counter)
 
