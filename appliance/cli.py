@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
+
+if TYPE_CHECKING:
+    from appliance.control import ControlClient, ControlError
+    from appliance.control.locate import ControlTarget
 
 __all__ = ["main"]
 
@@ -40,6 +45,51 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
             "(default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml; a missing default "
             "file means built-in defaults)"
         ),
+    )
+
+
+_MAX_TIMEOUT_S = 86400.0
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: a positive, finite number of seconds (a socket timeout must fit time_t)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= _MAX_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= {_MAX_TIMEOUT_S:g} (got {text})")
+    return value
+
+
+def _socket_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _control_args(parser: argparse.ArgumentParser, *, timeout: float) -> None:
+    """``--config``, ``--control`` and ``--timeout``: the options every client command takes."""
+    _config_arg(parser)
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        type=_socket_path,
+        default=None,
+        help=(
+            "the master's control socket (default: $APPLIANCE_CONTROL, else [control] path "
+            "from the config files, read even when they are broken, else "
+            "$RUNTIME_DIRECTORY/control.sock, /run/appliance/control.sock as root, "
+            "$XDG_RUNTIME_DIR/appliance/control.sock or /tmp/appliance-UID/control.sock); "
+            "use it when [control] path is set in a file that is missing or unreadable"
+        ),
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=timeout,
+        metavar="SECONDS",
+        help=f"give up when the master has not answered within this, in all (default {timeout:g})",
     )
 
 
@@ -86,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask the running master (over its control socket) for its phase, "
         "generation, workers and last reload.",
     )
-    _config_arg(st)
+    _control_args(st, timeout=10.0)
     st.add_argument("--json", action="store_true", help="print the raw status document")
 
     r = sub.add_parser(
@@ -96,17 +146,14 @@ def _parser() -> argparse.ArgumentParser:
         "replacement finished: exit 0 on success, 1 with the reason when the config was invalid "
         "or a new worker could not boot (the old workers keep serving).",
     )
-    _config_arg(r)
-    r.add_argument(
-        "--timeout", type=float, default=900.0, metavar="SECONDS", help="give up waiting after this"
-    )
+    _control_args(r, timeout=900.0)
 
     sc = sub.add_parser(
         "scale",
         help="set the pool size of the running master",
         description="Set the number of workers of the running master (until the next reload).",
     )
-    _config_arg(sc)
+    _control_args(sc, timeout=10.0)
     sc.add_argument("workers", type=int, help="the new pool size")
     return p
 
@@ -150,114 +197,148 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _control_path(args: argparse.Namespace) -> str:
-    """Where the running master listens, even when the config on disk is now broken.
+def _target(args: argparse.Namespace) -> ControlTarget:
+    """The socket to talk to: ``--control``, ``$APPLIANCE_CONTROL``, or the config, read
+    leniently so that a broken config does not hide the master (see ``control.locate``)."""
+    from appliance.control.locate import locate_control
 
-    ``appliance reload`` must reach the master to be told *why* a new config is invalid, so a
-    config that does not validate is read leniently here: only ``control.path`` matters.
-    """
-    import tomllib
-
-    from appliance.config.load import ConfigError, config_files, load_config
-    from appliance.config.schema import Settings, resolve_control_path
-
-    path, explicit = _config_path(args)
-    try:
-        settings = load_config(path, explicit=explicit).settings
-    except ConfigError:
-        control_path = None
-        for file in (path, *config_files(path)):
-            try:
-                with open(file, "rb") as f:
-                    value = tomllib.load(f).get("control", {}).get("path")
-            except (OSError, tomllib.TOMLDecodeError, AttributeError):
-                continue
-            if isinstance(value, str):
-                control_path = value
-        try:
-            settings = Settings.model_validate({"control": {"path": control_path}})
-        except ValueError:
-            settings = Settings()
-    return resolve_control_path(settings, os.environ, os.getuid())
+    main, _explicit = _config_path(args)
+    return locate_control(args.control, main, os.environ, os.getuid())
 
 
-def _client(args: argparse.Namespace, timeout: float) -> Any:
+def _client(target: ControlTarget, args: argparse.Namespace) -> ControlClient:
     from appliance.control import ControlClient
 
-    return ControlClient(_control_path(args), timeout=timeout)
+    return ControlClient(target.path, timeout=args.timeout)
+
+
+def _one_line(text: object) -> str:
+    """*text* (from the master, maybe hostile) as one printable line: newlines folded to
+    spaces, other control characters escaped, so it cannot forge lines or move the cursor."""
+    folded = " ".join(str(text).splitlines())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in folded)
+
+
+def _fail(command: str, reason: object) -> int:
+    print(f"appliance: {command} failed: {_one_line(reason)}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _unreachable(command: str, target: ControlTarget, exc: ControlError) -> int:
+    """Report a failed conversation; when nobody listened, say where else to look."""
+    from appliance.control import ControlUnavailable
+    from appliance.control.locate import DEFAULT, SYSTEM_SOCKET
+
+    if not (isinstance(exc, ControlUnavailable) and exc.nobody_listening) or target.explicit:
+        return _fail(command, exc)
+    if (
+        target.source == DEFAULT
+        and os.getuid() != 0
+        and target.path != SYSTEM_SOCKET
+        and os.path.lexists(SYSTEM_SOCKET)
+    ):
+        return _fail(
+            command,
+            "permission denied or not running as the service user: the system master's socket "
+            f"is {SYSTEM_SOCKET} (mode 0600); run as root (tried {target.path})",
+        )
+    hint = f"{exc}; pass --control PATH if [control] path is set in a file that is missing or "
+    hint += "unreadable"
+    if target.unread:
+        hint += f" (not read: {', '.join(target.unread)})"
+    return _fail(command, hint)
+
+
+def _converse(
+    command: str,
+    args: argparse.Namespace,
+    talk: Callable[[ControlClient], Iterator[dict[str, Any]]],
+) -> dict[str, Any] | int:
+    """Run one conversation; the final reply, or the exit status after printing one line."""
+    from appliance.control import ControlError
+
+    target = _target(args)
+    final: dict[str, Any] = {}
+    try:
+        for reply in talk(_client(target, args)):
+            final = reply
+    except ControlError as exc:
+        return _unreachable(command, target, exc)
+    if final.get("ok") is not True:
+        return _fail(command, final.get("error", "the master sent no reason"))
+    return final
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from appliance.control import ControlUnavailable, format_status
+    from appliance.control import format_status
 
-    try:
-        reply = _client(args, 10.0).call("status")
-    except ControlUnavailable as exc:
-        print(f"appliance: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    if not reply.get("ok"):
-        print(f"appliance: {reply.get('error')}", file=sys.stderr)
-        return EXIT_FAIL
+    final = _converse("status", args, lambda client: iter([client.call("status")]))
+    if isinstance(final, int):
+        return final
+    status = final.get("status")
+    if not isinstance(status, Mapping):
+        return _fail("status", "unexpected reply from the master: no status document")
     if args.json:
-        print(json.dumps(reply["status"], indent=2, sort_keys=True))
+        print(json.dumps(status, indent=2, sort_keys=True))
     else:
-        print(format_status(reply["status"]))
+        print(format_status(status))
     return EXIT_OK
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
-    from appliance.control import ControlUnavailable
-
     tty = sys.stdout.isatty()
-    final: dict[str, Any] = {}
-    try:
-        for msg in _client(args, args.timeout).stream("reload"):
-            if "progress" in msg:
-                p = msg["progress"]
-                line = f"reloading: {p.get('message')}"
+
+    def talk(client: ControlClient) -> Iterator[dict[str, Any]]:
+        for msg in client.stream("reload"):
+            progress = msg.get("progress")
+            if "ok" not in msg and isinstance(progress, Mapping):
+                line = f"reloading: {_one_line(progress.get('message') or 'in progress')}"
                 if tty:
                     print(f"\r\x1b[K{line}", end="", flush=True)
                 else:
                     print(line, flush=True)
-            else:
-                final = msg
-    except ControlUnavailable as exc:
-        print(f"appliance: reload failed: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    except TimeoutError:
-        print(f"appliance: reload: no outcome within {args.timeout:g}s", file=sys.stderr)
-        return EXIT_FAIL
-    if tty:
-        print("\r\x1b[K", end="")
-    if final.get("ok"):
-        r = final.get("reload", {})
-        print(f"reload ok: {r.get('message')} (generation {r.get('generation')})")
-        return EXIT_OK
-    print(f"appliance: reload failed: {final.get('error', 'no answer')}", file=sys.stderr)
-    return EXIT_FAIL
+            yield msg
+
+    try:
+        final = _converse("reload", args, talk)
+    finally:
+        if tty:
+            print("\r\x1b[K", end="", flush=True)
+    if isinstance(final, int):
+        return final
+    outcome = final.get("reload")
+    outcome = outcome if isinstance(outcome, Mapping) else {}
+    text = "reload ok"
+    if outcome.get("message"):
+        text += f": {_one_line(outcome['message'])}"
+    if outcome.get("generation") is not None:
+        text += f" (generation {_one_line(outcome['generation'])})"
+    print(text)
+    return EXIT_OK
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    from appliance.control import ControlUnavailable
-
-    try:
-        reply = _client(args, 10.0).call("scale", workers=args.workers)
-    except ControlUnavailable as exc:
-        print(f"appliance: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    if not reply.get("ok"):
-        print(f"appliance: scale failed: {reply.get('error')}", file=sys.stderr)
-        return EXIT_FAIL
-    print(f"pool size set to {args.workers}")
+    final = _converse(
+        "scale", args, lambda client: iter([client.call("scale", workers=args.workers)])
+    )
+    if isinstance(final, int):
+        return final
+    workers = final.get("workers", args.workers)
+    print(f"pool size set to {_one_line(workers)}")
     return EXIT_OK
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # Before the heavy imports: a SIGHUP from here on is kept for the loop, not fatal.
+    from appliance.master.signals import SignalPipe
+
+    signals = SignalPipe()
+    signals.install_early()
     from appliance.serve import StartupError, serve
 
     path, explicit = _config_path(args)
     try:
-        return serve(path, explicit=explicit)
+        return serve(path, explicit=explicit, signals=signals)
     except StartupError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
@@ -276,10 +357,28 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Text from the master may hold lone surrogates ("\\udcff" is valid JSON): print it
+    # escaped rather than die with UnicodeEncodeError halfway through the output.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `appliance status | head -1`: the reader left, nothing to say
+        _silence_stdout()
+        return EXIT_FAIL
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real fd behind stdout (an embedding, a test)
+        pass
 
 
 if __name__ == "__main__":

@@ -10,23 +10,28 @@ only check that its module can be found), open the control socket, then hand ove
 from __future__ import annotations
 
 import os
+import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from appliance import __version__, log, systemd
-from appliance.config.load import ConfigError, LoadedConfig, load_config
+from appliance.config.load import ConfigError, load_config
 from appliance.config.schema import Settings, resolve_control_path
 from appliance.importer import AppImportError, check_importable, import_app
 from appliance.master import policy
 from appliance.master.events import Generation
-from appliance.master.plan import generation_for, plan_reload
+from appliance.master.plan import decide_reload, generation_for
 from appliance.master.runtime import Master, MasterDeps
+from appliance.master.signals import SignalPipe
 from appliance.master.state import MasterState
 from appliance.sizing import size_pool
 from appliance.sockets import Listener, ListenError, adopt_listener, bind_listener, close_listeners
 
-__all__ = ["StartupError", "engine_settings", "open_listeners", "serve"]
+if TYPE_CHECKING:
+    from appliance.engines.asgi import EngineSettings
+
+__all__ = ["StartupError", "engine_settings", "open_listeners", "raise_nofile_limit", "serve"]
 
 
 class StartupError(Exception):
@@ -37,10 +42,10 @@ class StartupError(Exception):
         self.lines = lines
 
 
-def engine_settings(generation: Generation) -> Any:
+def engine_settings(generation: Generation) -> EngineSettings:
     from appliance.engines.asgi import EngineSettings
 
-    s: Settings = generation.config.settings
+    s = generation.settings
     return EngineSettings(
         interface=s.app.interface,
         lifespan=s.app.lifespan,
@@ -82,7 +87,24 @@ def _pool_target(settings: Settings) -> tuple[int, str]:
     return size.workers, size.reason
 
 
-def serve(path: Path, *, explicit: bool) -> int:
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one and return (soft, hard).
+
+    Each connection is a descriptor; the soft default of 1024 is reached by a thousand slow
+    clients, while the hard limit (``LimitNOFILE=`` in the unit) is what the operator meant.
+    Workers inherit it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> int:
     try:
         loaded = load_config(path, explicit=explicit)
     except ConfigError as exc:
@@ -115,46 +137,47 @@ def serve(path: Path, *, explicit: bool) -> int:
     # Workers must not see systemd's per-service variables (they would try to use them).
     systemd.scrub_env(env)
 
-    control = None
     control_path = resolve_control_path(settings, env, os.getuid())
-    try:
-        from appliance.control import ControlServer
+    from appliance.control import ControlError, ControlServer
 
+    try:
         control = ControlServer.bind(control_path)
+    except ControlError as exc:
+        close_listeners(listeners)
+        raise StartupError(f"appliance: {exc}") from None
     except OSError as exc:
         close_listeners(listeners)
         raise StartupError(
             f"appliance: control socket {control_path}: {exc.strerror or exc}"
         ) from None
+    nofile = raise_nofile_limit()
 
     target, reason = _pool_target(settings)
 
     def reload_config(running_state: MasterState) -> tuple[Generation, bool] | str:
+        """Read and size the new config (effects); :func:`decide_reload` gives the verdict."""
         try:
             new = load_config(path, explicit=explicit)
         except ConfigError as exc:
             return "; ".join(str(p) for p in exc.problems)
-        # Diff against what the pool runs now (an aborted reload reverted to the old config).
-        running: LoadedConfig = running_state.current.config
-        plan = plan_reload(running.settings, new.settings)
-        if plan.restart:
-            return plan.restart_error()
         new_target, new_reason = _pool_target(new.settings)
+        verdict = decide_reload(running_state.current, running_state.target, new, new_target)
+        if isinstance(verdict, str):
+            return verdict
         logger.info(
             "reload.planned",
-            live=list(plan.live),
-            rolling=list(plan.rolling),
+            live=list(verdict.plan.live),
+            rolling=list(verdict.plan.rolling),
             workers=new_target,
             sizing=new_reason,
         )
-        if new.settings.app.preload and not plan.live_only:
+        if new.settings.app.preload and not verdict.live_only:
             logger.warning(
                 "reload.preload_note",
                 message="app.preload is on: new workers run the app code the master imported "
                 "at start; restart the service to load new application code",
             )
-        live_only = plan.live_only and new_target == running_state.target
-        return generation_for(new, new_target), live_only
+        return verdict.generation, verdict.live_only
 
     generation = generation_for(loaded, target)
     state = policy.initial_state(generation, watchdog_interval_s=watchdog_s, now=time.monotonic())
@@ -165,6 +188,7 @@ def serve(path: Path, *, explicit: bool) -> int:
         engine_settings=engine_settings,
         preloaded_app=app,
         control=control,
+        signals=signals,
         on_exit=[lambda: close_listeners(listeners), control.close],
     )
     master = Master(state, deps)
@@ -185,6 +209,7 @@ def serve(path: Path, *, explicit: bool) -> int:
         sizing=reason,
         control_socket=control_path,
         watchdog_interval_s=watchdog_s,
+        open_files_limit=nofile[0],
     )
     notifier.send(systemd.mainpid(pid))
     return master.run()

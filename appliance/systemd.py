@@ -23,6 +23,7 @@ __all__ = [
     "CHILD_ENV_VARS",
     "DEFAULT_FD_NAME",
     "LISTEN_FDS_START",
+    "STATUS_MAX",
     "ListenFds",
     "Notifier",
     "SystemdEnvError",
@@ -181,6 +182,10 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 # --- message builders -----------------------------------------------------------------------
 # Pure strings so the policy layer can emit Notify(message) actions and tests compare text.
+# They are the only writers of the sd_notify format in appliance.
+
+#: Longest STATUS= text sent (characters).
+STATUS_MAX = 1024
 
 
 def ready() -> str:
@@ -203,9 +208,14 @@ def status(text: str) -> str:
     """Free-form status for ``systemctl status``.
 
     Newlines are folded to spaces: the protocol is newline-separated assignments, so a newline
-    inside the text would end STATUS= early and could smuggle in another assignment.
+    inside the text would end STATUS= early and could smuggle in another assignment. The text
+    is cut at :data:`STATUS_MAX` characters: ``systemctl status`` shows one line, and a
+    datagram must stay far below the socket's size limit whatever an app's error says.
     """
-    return "STATUS=" + " ".join(text.splitlines())
+    line = " ".join(text.splitlines())
+    if len(line) > STATUS_MAX:
+        line = line[: STATUS_MAX - 1] + "…"
+    return "STATUS=" + line
 
 
 def watchdog() -> str:

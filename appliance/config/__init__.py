@@ -14,6 +14,7 @@ from appliance.config.load import (
 from appliance.config.schema import (
     Change,
     Reload,
+    RestartWhile,
     SettingInfo,
     Settings,
     diff_settings,
@@ -29,6 +30,7 @@ __all__ = [
     "LoadedConfig",
     "Problem",
     "Reload",
+    "RestartWhile",
     "SettingInfo",
     "Settings",
     "diff_settings",

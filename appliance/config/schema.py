@@ -1,6 +1,6 @@
-"""The one declaration of every appliance setting.
+"""The one declaration of every appliance setting: the section models and ``Settings``.
 
-Each field states its type, default, limits, description and *reload policy* in one place, so
+Each field states its type, default, limits, description and *reload rule* in one place, so
 the validator, ``docs/settings.md``, the commented ``conf.d`` example and the reload planner can
 never disagree (gunicorn's one-``Setting``-per-option idea, done with pydantic v2).
 
@@ -15,25 +15,20 @@ Rules of the house, and why:
 * Cross-field rules are ``model_validator(mode="after")``, so they never depend on the order in
   which fields were validated.
 
-The reload policy is a :class:`Reload` member placed in each field's ``Annotated`` metadata.
-pydantic keeps unknown metadata on ``FieldInfo.metadata`` and otherwise ignores it, which is what
-lets :func:`reload_policy` and :func:`diff_settings` stay pure lookups.
+The markers in each field's ``Annotated`` metadata come from the modules around this one:
+:mod:`appliance.config.reload` (``Reload`` and ``RestartWhile``: what a change costs),
+:mod:`appliance.config.introspect` (``Constraint``: a rule the docs should state) and
+:mod:`appliance.config.addresses` (the address forms). Their public names are re-exported here,
+so ``from appliance.config.schema import ...`` keeps working for all of them.
 """
 
 from __future__ import annotations
 
-import enum
-import ipaddress
 import re
-import socket
-import types
-import typing
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import annotated_types
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -43,8 +38,23 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
+
+from appliance.config.addresses import (
+    TcpAddress,
+    UnixAddress,
+    check_socket_path,
+    parse_address,
+)
+from appliance.config.introspect import Constraint, SettingInfo, iter_model_settings
+from appliance.config.reload import (
+    Change,
+    Reload,
+    RestartWhile,
+    diff_settings,
+    reload_policy,
+    strictest,
+)
 
 __all__ = [
     "AppSettings",
@@ -56,6 +66,7 @@ __all__ = [
     "LogSettings",
     "Reload",
     "ReloadSettings",
+    "RestartWhile",
     "SettingInfo",
     "Settings",
     "TcpAddress",
@@ -69,136 +80,21 @@ __all__ = [
     "strictest",
 ]
 
-
-class Reload(enum.Enum):
-    """How a changed setting takes effect on ``systemctl reload``.
-
-    Members are ordered from cheapest to most disruptive; :func:`strictest` relies on the
-    declaration order, so keep it.
-    """
-
-    LIVE = "live"
-    ROLLING = "rolling"
-    RESTART = "restart"
-
-    @property
-    def summary(self) -> str:
-        """One line for docs and logs."""
-        return _RELOAD_SUMMARY[self]
-
-
-_RELOAD_SUMMARY = {
-    Reload.LIVE: "applies without replacing workers",
-    Reload.ROLLING: "applies by rolling replacement of workers",
-    Reload.RESTART: "needs `systemctl restart`",
-}
-_RELOAD_ORDER = tuple(Reload)
-
-
-def strictest(policies: Iterable[Reload]) -> Reload:
-    """The most disruptive of ``policies`` (``LIVE`` when there are none).
-
-    A reload that changes one ROLLING and one LIVE setting must roll the workers; one RESTART
-    change means the reload cannot apply the new config at all.
-    """
-    return max(policies, key=_RELOAD_ORDER.index, default=Reload.LIVE)
-
-
-@dataclass(frozen=True, slots=True)
-class Constraint:
-    """A rule enforced by a validator, described for the docs.
-
-    Bounds such as ``ge=1`` are read from pydantic's own metadata; rules checked by code (an
-    address form, a name alphabet) need this marker to reach ``docs/settings.md``.
-    """
-
-    text: str
-
-
-# --------------------------------------------------------------------------------------------
-# Shared checks. Each raises PydanticCustomError so the message reaches the operator without
-# pydantic's "Value error, " prefix.
-
-_UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) on Linux, minus the terminating NUL.
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _FDNAME_RE = re.compile(r"^[ -9;-~]{1,255}$")  # printable ASCII except ':' (systemd fdname rule)
 _MODE_RE = re.compile(r"^0?[0-7]{3}$")
-_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_ADDRESS_FORMS = "HOST:PORT, [IPV6]:PORT or unix:/ABSOLUTE/PATH"
+
+#: The condition on the settings that say which application to import, and how.
+_UNDER_PRELOAD = RestartWhile(
+    "app.preload",
+    why="the application lives in the master's memory and every new worker is a fork of it, "
+    "so a new worker cannot import a different application, or the same one from elsewhere",
+)
 
 
 def _fail(kind: str, message: str) -> PydanticCustomError:
+    # PydanticCustomError, so the message reaches the operator without "Value error, ".
     return PydanticCustomError(kind, message)
-
-
-def _check_socket_path(path: str, what: str) -> str:
-    if not path.startswith("/"):
-        raise _fail("absolute_path", f"{what} must be an absolute path")
-    if "\0" in path:
-        raise _fail("socket_path", f"{what} must not contain a NUL byte")
-    if len(path.encode()) > _UNIX_PATH_MAX:
-        raise _fail(
-            "socket_path",
-            f"{what} is longer than the {_UNIX_PATH_MAX} bytes a unix socket address can hold",
-        )
-    return path
-
-
-def _check_host(host: str) -> socket.AddressFamily:
-    """Return the family a literal address implies, ``AF_UNSPEC`` for a hostname."""
-    labels = host.removesuffix(".").split(".")
-    if all(label.isdigit() for label in labels):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise _fail("listen_address", f"{host!r} is not a valid IPv4 address") from None
-        return socket.AF_INET
-    if len(host) > 253 or not all(_HOST_LABEL_RE.match(label) for label in labels):
-        raise _fail(
-            "listen_address",
-            f"expected {_ADDRESS_FORMS}; {host!r} is neither an IPv4 address nor a hostname",
-        )
-    return socket.AF_UNSPEC
-
-
-@dataclass(frozen=True, slots=True)
-class TcpAddress:
-    """A parsed ``HOST:PORT``. ``family`` is ``AF_UNSPEC`` for a hostname (resolve at bind)."""
-
-    host: str
-    port: int
-    family: socket.AddressFamily
-
-
-@dataclass(frozen=True, slots=True)
-class UnixAddress:
-    """A parsed ``unix:/absolute/path``."""
-
-    path: str
-
-
-def _parse_address(text: str) -> TcpAddress | UnixAddress:
-    if text.startswith("unix:"):
-        return UnixAddress(_check_socket_path(text.removeprefix("unix:"), "a unix socket path"))
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise _fail("listen_address", f"expected {_ADDRESS_FORMS}")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise _fail("listen_address", f"{host!r} is not a valid IPv6 address") from None
-        family = socket.AF_INET6
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise _fail("listen_address", f"expected {_ADDRESS_FORMS}")
-        if ":" in host:
-            raise _fail("listen_address", "an IPv6 address needs brackets, as in [::1]:8000")
-        family = _check_host(host)
-    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
-        raise _fail("listen_address", "the port must be a number from 0 to 65535")
-    return TcpAddress(host=host, port=int(port_text), family=family)
 
 
 def _section_config(title: str) -> ConfigDict:
@@ -223,11 +119,13 @@ class AppSettings(BaseModel):
         ),
         Constraint("MODULE:ATTRIBUTE"),
         Reload.ROLLING,
+        _UNDER_PRELOAD,
     ] = "appliance.apps.hello:app"
     interface: Annotated[
         Literal["asgi", "wsgi"],
         Field(description="Calling convention of the application object."),
         Reload.ROLLING,
+        _UNDER_PRELOAD,
     ] = "asgi"
     preload: Annotated[
         bool,
@@ -236,7 +134,7 @@ class AppSettings(BaseModel):
             description="Import the application in the master before forking, so workers share "
             "its memory copy-on-write; code changes then need a restart of the master to load.",
         ),
-        Reload.ROLLING,
+        Reload.RESTART,
     ] = False
     directory: Annotated[
         str | None,
@@ -248,6 +146,7 @@ class AppSettings(BaseModel):
             examples=["/srv/myapp"],
         ),
         Reload.ROLLING,
+        _UNDER_PRELOAD,
     ] = None
     lifespan: Annotated[
         Literal["auto", "on", "off"],
@@ -308,6 +207,7 @@ class WorkerSettings(BaseModel):
         float,
         Field(
             strict=True,
+            allow_inf_nan=False,
             gt=0,
             le=3600,
             description="Seconds a new worker may take to report ready before it is killed and "
@@ -319,6 +219,7 @@ class WorkerSettings(BaseModel):
         float,
         Field(
             strict=True,
+            allow_inf_nan=False,
             gt=0,
             le=60,
             description="Seconds between heartbeats a worker sends from its serving loop.",
@@ -329,6 +230,7 @@ class WorkerSettings(BaseModel):
         float,
         Field(
             strict=True,
+            allow_inf_nan=False,
             gt=0,
             le=3600,
             description="Seconds without a heartbeat after which a worker is considered hung: "
@@ -340,6 +242,7 @@ class WorkerSettings(BaseModel):
         float,
         Field(
             strict=True,
+            allow_inf_nan=False,
             ge=0,
             le=3600,
             description="Seconds a stopping worker may spend finishing in-flight requests "
@@ -351,6 +254,7 @@ class WorkerSettings(BaseModel):
         float,
         Field(
             strict=True,
+            allow_inf_nan=False,
             gt=0,
             description="Delay before respawning a worker slot after its first failure; it "
             "doubles with each further failure.",
@@ -366,11 +270,27 @@ class WorkerSettings(BaseModel):
         float,
         Field(
             strict=True,
+            allow_inf_nan=False,
             gt=0,
-            description="Seconds of healthy uptime after which a slot's failure count resets.",
+            description="A worker that crashes after it has been ready for at least this many "
+            "seconds is replaced at once and its slot's failure count starts over; one that "
+            "dies sooner adds to the count, which grows the respawn delay.",
         ),
         Reload.ROLLING,
-    ] = 30.0
+    ] = 1.0
+    start_attempts: Annotated[
+        int,
+        Field(
+            strict=True,
+            ge=1,
+            le=1000,
+            description="Failed boots in a row, in every slot, before a master whose first "
+            "generation never became ready gives up and exits with status 3 (so systemd's "
+            "Restart= and start limit take over); boot failures after the first ready "
+            "generation are retried with backoff forever.",
+        ),
+        Reload.ROLLING,
+    ] = 3
     max_requests: Annotated[
         int,
         Field(
@@ -385,8 +305,9 @@ class WorkerSettings(BaseModel):
         Field(
             strict=True,
             ge=0,
-            description="Add a random 0..N to `max_requests` per worker, so workers do not all "
-            "retire at once.",
+            description="Add 0..N to `max_requests` per worker, spread by the worker's sequence "
+            "number (Knuth's multiplicative hash, not a random draw), so workers started "
+            "together do not all retire at once; ignored while `max_requests` is 0.",
         ),
         Reload.ROLLING,
     ] = 0
@@ -547,7 +468,7 @@ class ListenSettings(BaseModel):
     @field_validator("address")
     @classmethod
     def _address_form(cls, value: str) -> str:
-        _parse_address(value)
+        parse_address(value)
         return value
 
     @field_validator("mode")
@@ -570,7 +491,7 @@ class ListenSettings(BaseModel):
 
     def parsed(self) -> TcpAddress | UnixAddress:
         """The address as a typed value (already validated, so this cannot fail)."""
-        return _parse_address(self.address)
+        return parse_address(self.address)
 
     @property
     def mode_bits(self) -> int:
@@ -587,6 +508,7 @@ class HttpSettings(BaseModel):
         float,
         Field(
             strict=True,
+            allow_inf_nan=False,
             gt=0,
             le=3600,
             description="Seconds an idle keep-alive connection is kept open.",
@@ -678,7 +600,7 @@ class ControlSettings(BaseModel):
     @field_validator("path")
     @classmethod
     def _path_form(cls, value: str | None) -> str | None:
-        return None if value is None else _check_socket_path(value, "the control socket path")
+        return None if value is None else check_socket_path(value, "the control socket path")
 
 
 class LogSettings(BaseModel):
@@ -741,177 +663,9 @@ class Settings(BaseModel):
         return value
 
 
-# --------------------------------------------------------------------------------------------
-# Introspection for docs and reload planning
-
-
-def _unwrap_annotated(annotation: Any) -> tuple[Any, list[Any]]:
-    metadata: list[Any] = []
-    while typing.get_origin(annotation) is Annotated:
-        annotation, *extra = typing.get_args(annotation)
-        metadata.extend(extra)
-    return annotation, metadata
-
-
-def _section_model(field: FieldInfo) -> type[BaseModel] | None:
-    """The model of a section field (``[workers]`` or ``[[listen]]``), else None."""
-    annotation, _ = _unwrap_annotated(field.annotation)
-    if typing.get_origin(annotation) is list:
-        (annotation,) = typing.get_args(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
-
-
-def reload_policy(model_cls: type[BaseModel], field_name: str) -> Reload:
-    """The reload policy of ``model_cls.field_name``.
-
-    A section field without its own marker (``Settings.workers``) gets the strictest policy of
-    its settings. A leaf without a marker is a bug in the schema and raises ``LookupError``.
-    """
-    field = model_cls.model_fields[field_name]
-    for item in field.metadata:
-        if isinstance(item, Reload):
-            return item
-    section = _section_model(field)
-    if section is None:
-        msg = f"{model_cls.__name__}.{field_name} has no Reload marker"
-        raise LookupError(msg)
-    return strictest(reload_policy(section, name) for name in section.model_fields)
-
-
-@dataclass(frozen=True, slots=True)
-class SettingInfo:
-    """Everything the docs and the reload planner need to know about one setting.
-
-    ``key`` is dotted (``workers.count``); settings of ``[[listen]]`` entries are keyed
-    ``listen[].name``. ``required`` settings have no default (``default`` is then None).
-    """
-
-    key: str
-    section: str
-    name: str
-    type: str
-    default: object
-    required: bool
-    limits: str
-    description: str
-    policy: Reload
-    examples: tuple[object, ...]
-    is_array: bool
-
-
-_TYPE_NAMES: Mapping[Any, str] = {
-    int: "integer",
-    float: "float",
-    bool: "boolean",
-    str: "string",
-}
-
-
-def _type_text(annotation: Any) -> str:
-    annotation, _ = _unwrap_annotated(annotation)
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return " | ".join(
-            f'"{arg}"' if isinstance(arg, str) else str(arg) for arg in typing.get_args(annotation)
-        )
-    if origin in (typing.Union, types.UnionType):
-        parts = [_type_text(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
-        return " | ".join(parts)
-    return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _constraints(field: FieldInfo) -> list[Any]:
-    """Constraint metadata of a field, including inside union members (``count``)."""
-    found = list(field.metadata)
-    pending = [field.annotation]
-    while pending:
-        annotation, metadata = _unwrap_annotated(pending.pop())
-        for item in metadata:
-            found.extend(item.metadata if isinstance(item, FieldInfo) else [item])
-        pending.extend(typing.get_args(annotation) if typing.get_origin(annotation) else [])
-    return found
-
-
-def _limits_text(field: FieldInfo) -> str:
-    words = []
-    for item in _constraints(field):
-        match item:
-            case annotated_types.Ge(ge=bound):
-                words.append(f"≥ {bound}")
-            case annotated_types.Gt(gt=bound):
-                words.append(f"> {bound}")
-            case annotated_types.Le(le=bound):
-                words.append(f"≤ {bound}")
-            case annotated_types.Lt(lt=bound):
-                words.append(f"< {bound}")
-            case annotated_types.MinLen(min_length=bound) if bound > 1:
-                words.append(f"at least {bound} items")
-            case Constraint(text=text):
-                words.append(text)
-    return ", ".join(words)
-
-
-def _info(section: str, name: str, model: type[BaseModel], *, is_array: bool) -> SettingInfo:
-    field = model.model_fields[name]
-    required = field.is_required()
-    return SettingInfo(
-        key=f"{section}[].{name}" if is_array else f"{section}.{name}",
-        section=section,
-        name=name,
-        type=_type_text(field.annotation),
-        default=None if required else field.get_default(call_default_factory=True),
-        required=required,
-        limits=_limits_text(field),
-        description=field.description or "",
-        policy=reload_policy(model, name),
-        examples=tuple(field.examples or ()),
-        is_array=is_array,
-    )
-
-
 def iter_settings() -> Iterator[SettingInfo]:
     """Every leaf setting in declaration order (the order of the docs and the example)."""
-    for section, field in Settings.model_fields.items():
-        model = _section_model(field)
-        if model is None:  # pragma: no cover - every top-level field is a section today
-            msg = f"Settings.{section} is not a section"
-            raise TypeError(msg)
-        is_array = typing.get_origin(_unwrap_annotated(field.annotation)[0]) is list
-        for name in model.model_fields:
-            yield _info(section, name, model, is_array=is_array)
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One setting whose value differs between two configurations."""
-
-    key: str
-    old: object
-    new: object
-    policy: Reload
-
-
-def diff_settings(old: Settings, new: Settings) -> list[Change]:
-    """The settings that differ, in declaration order.
-
-    Table sections are compared key by key. Arrays of tables (``listen``) are compared as a
-    whole under their section name, because entries have no identity beyond their position
-    and a changed socket set is one decision (restart) for the planner.
-    """
-    changes = []
-    for section in Settings.model_fields:
-        before, after = getattr(old, section), getattr(new, section)
-        if isinstance(before, BaseModel):
-            for name in type(before).model_fields:
-                a, b = getattr(before, name), getattr(after, name)
-                if a != b:
-                    policy = reload_policy(type(before), name)
-                    changes.append(Change(f"{section}.{name}", a, b, policy))
-        elif before != after:
-            changes.append(Change(section, before, after, reload_policy(Settings, section)))
-    return changes
+    return iter_model_settings(Settings)
 
 
 def resolve_control_path(settings: Settings, env: Mapping[str, str], uid: int) -> str:

@@ -102,18 +102,19 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started and not self.should_exit:
             self._beat()  # first, so the master knows our RSS by the time we count as ready
-            protocol.send(self._report_fd, "ready")
+            protocol.send(self._report_fd, protocol.Ready())
 
     def _beat(self) -> None:
         self._next_beat = asyncio.get_running_loop().time() + self._settings.heartbeat_interval_s
         state = self.server_state
         protocol.send(
             self._report_fd,
-            "hb",
-            req=state.total_requests,
-            inflight=len(state.tasks),
-            conns=len(state.connections),
-            rss=round(_rss_mb(), 1),
+            protocol.Beat(
+                requests=state.total_requests,
+                in_flight=len(state.tasks),
+                connections=len(state.connections),
+                rss_mb=round(_rss_mb(), 1),
+            ),
         )
 
     async def on_tick(self, counter: int) -> bool:
@@ -136,7 +137,7 @@ class _Server(uvicorn.Server):
             listening.close()
         for connection in list(self.server_state.connections):
             connection.shutdown()
-        protocol.send(self._report_fd, "draining")
+        protocol.send(self._report_fd, protocol.Draining())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -12,12 +12,26 @@ int64 per worker in anonymous shared memory made by the master before forking: a
 accepts only while it has no more open connections than the least loaded other worker. A
 worker that is not the least loaded looks again on the next loop iteration, and accepts
 anyway after ``MAX_DEFER_S`` so that a stuck peer can never stall accepting.
+
+When ``accept()`` fails for lack of a resource (EMFILE: this worker is out of file
+descriptors; ENFILE, ENOBUFS, ENOMEM: the host is), the connection stays queued and the
+listening socket stays readable, so simply returning would call us again at once, forever: a
+worker at 100 % CPU serving nothing. Instead the acceptor stops watching the socket for a
+back-off that grows from ``BACKOFF_INITIAL_S`` to ``BACKOFF_MAX_S`` while the failures persist
+(:func:`accept_pause` decides), leaves its lane dead meanwhile so peers with descriptors to
+spare take the queue, and logs ``worker.accept_failed`` once per episode and then at most
+every ``LOG_EVERY_S``. Connections already open keep being served; each one that closes frees
+the descriptor the next accept needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import mmap
+import os
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -25,10 +39,31 @@ from typing import Any
 
 import uvloop
 
-__all__ = ["MAX_DEFER_S", "Acceptor", "LoadBoard", "loop_factory", "may_accept"]
+from appliance import log
+
+__all__ = [
+    "BACKOFF_INITIAL_S",
+    "BACKOFF_MAX_S",
+    "LOG_EVERY_S",
+    "MAX_DEFER_S",
+    "RESOURCE_ERRNOS",
+    "Acceptor",
+    "LoadBoard",
+    "accept_pause",
+    "loop_factory",
+    "may_accept",
+]
 
 #: Longest a worker waits for a less loaded peer before accepting anyway.
 MAX_DEFER_S = 0.02
+#: accept() errors that mean "no resource for a new connection now", not "no connection".
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Pause of accepting after the first resource failure of an episode; doubles per failure...
+BACKOFF_INITIAL_S = 0.1
+#: ... up to this, where it stays while the failures persist.
+BACKOFF_MAX_S = 1.0
+#: While an episode lasts, ``worker.accept_failed`` is repeated at most this often.
+LOG_EVERY_S = 10.0
 _DEAD = 1 << 40  # a lane nobody accepts for: never the minimum
 _BATCH = 16  # most connections accepted per wake-up
 
@@ -103,6 +138,42 @@ def may_accept(
     return False, deferring_since
 
 
+def accept_pause(failures: int, logged_at: float | None, now: float) -> tuple[float, bool]:
+    """After the ``failures``-th resource failure in a row: how long to stop accepting, and
+    whether to log it (pure).
+
+    ``logged_at`` is when this episode was last logged (``None``: not yet). The pause doubles
+    from ``BACKOFF_INITIAL_S`` to ``BACKOFF_MAX_S``: short enough that a freed descriptor is
+    used soon, long enough that a persisting shortage costs a few wake-ups a second.
+    """
+    exponent = min(max(failures, 1) - 1, 16)
+    delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0**exponent)
+    return delay, logged_at is None or now - logged_at >= LOG_EVERY_S
+
+
+def _open_fds(limit: int) -> int:
+    """Descriptors this process has open.
+
+    Listing ``/proc/self/fd`` needs a descriptor of its own. When that fails with EMFILE,
+    every number below the soft limit is taken (that is what EMFILE means), so the answer is
+    the limit; otherwise (ENFILE: the host is out) probe each number below the limit, at most
+    once per log line.
+    """
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the directory's own descriptor
+    except OSError as exc:
+        if exc.errno == errno.EMFILE:
+            return limit
+    count = 0
+    for fd in range(min(limit, 1 << 20)):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        count += 1
+    return count
+
+
 class _Counter:
     """Open connections of this worker across all its listening sockets."""
 
@@ -145,6 +216,12 @@ class Acceptor:
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self._closed = False
         self._deferring_since: float | None = None
+        # Resource failures (EMFILE...) in a row, since when, when last logged, and the
+        # timer that resumes watching the socket while we are paused.
+        self._failures = 0
+        self._failing_since = 0.0
+        self._logged_at: float | None = None
+        self._resume: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[None] = loop.create_future()
         self.sockets = [sock]
         sock.setblocking(False)
@@ -171,13 +248,60 @@ class Acceptor:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # another worker took it, or the client gave up
-            except OSError:
-                return  # EMFILE and friends: uvicorn's limit_concurrency is the real remedy
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    self._pause(exc.errno)
+                return  # anything else (EPROTO, EPERM from a firewall): that connection only
+            if self._failures:
+                self._recovered()
             self._counter.open += 1
             self._counter.publish()
             if self._tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._loop.create_task(self._attach(conn))
+
+    def _pause(self, code: int) -> None:
+        """Out of descriptors or memory: stop watching the socket for a while (see the module
+        docstring); the queued connections wait in the kernel's backlog or go to a peer."""
+        now = time.monotonic()
+        self._failures += 1
+        if self._failures == 1:
+            self._failing_since = now
+        delay, log_it = accept_pause(self._failures, self._logged_at, now)
+        self._loop.remove_reader(self._fd)
+        self._counter.accepting -= 1
+        self._counter.publish()
+        self._resume = self._loop.call_later(delay, self._resume_accepting)
+        if log_it:
+            self._logged_at = now
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.get_logger().warning(
+                "worker.accept_failed",
+                error=errno.errorcode.get(code, str(code)),
+                open_fds=_open_fds(limit if limit != resource.RLIM_INFINITY else 1 << 20),
+                limit=limit,
+                connections=self._counter.open,
+                failures=self._failures,
+                paused_s=delay,
+            )
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._closed:
+            return
+        self._counter.accepting += 1
+        self._counter.publish()
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def _recovered(self) -> None:
+        if self._logged_at is not None:
+            log.get_logger().info(
+                "worker.accept_resumed",
+                failures=self._failures,
+                failing_s=round(time.monotonic() - self._failing_since, 3),
+            )
+        self._failures = 0
+        self._logged_at = None
 
     def _counting_factory(self) -> asyncio.Protocol:
         protocol = self._factory()
@@ -203,10 +327,14 @@ class Acceptor:
     def close(self) -> None:
         if self._closed:
             return
-        self._loop.remove_reader(self._fd)
         self._closed = True
-        self._counter.accepting -= 1
-        self._counter.publish()
+        if self._resume is not None:  # paused: not watching, and not counted as accepting
+            self._resume.cancel()
+            self._resume = None
+        else:
+            self._loop.remove_reader(self._fd)
+            self._counter.accepting -= 1
+            self._counter.publish()
         if not self._done.done():
             self._done.set_result(None)
 

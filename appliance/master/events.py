@@ -8,7 +8,10 @@ Keeping both sides as plain frozen data is what lets the policy be tested withou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from appliance.config.schema import Settings
 
 __all__ = [
     "Action",
@@ -20,10 +23,12 @@ __all__ = [
     "Heartbeat",
     "Kill",
     "Log",
+    "MasterStalled",
     "Notify",
     "ReloadOutcome",
     "ReloadProgress",
     "ReloadRequested",
+    "ScaleOutcome",
     "ScaleRequested",
     "Spawn",
     "SpawnFailed",
@@ -41,26 +46,15 @@ __all__ = [
 class Generation:
     """A cohort of workers that share one effective configuration.
 
-    ``config`` is opaque to the policy (the runtime's loaded config); the policy only reads the
-    numbers it needs, copied into the fields below so that tests can build one without files.
+    The policy reads its numbers from ``settings`` (the validated schema, typed), so a setting
+    is declared once, in :mod:`appliance.config.schema`, and never copied field by field.
+    ``digest`` names the effective settings (``appliance status``, the built-in app).
     """
 
     number: int
-    config: Any
+    settings: Settings
     digest: str
     target: int
-    boot_timeout_s: float
-    heartbeat_timeout_s: float
-    graceful_timeout_s: float
-    backoff_initial_s: float
-    backoff_max_s: float
-    backoff_reset_s: float
-    max_requests: int = 0
-    max_requests_jitter: int = 0
-    max_rss_mb: int = 0
-    surge: int = 1
-    min_healthy: int = 1
-    preload: bool = False
 
 
 # --- events -------------------------------------------------------------------------------
@@ -77,6 +71,14 @@ class StopRequested:
 
     signal_name: str
     force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MasterStalled:
+    """The master could not read its workers' pipes for ``seconds`` (SIGSTOP, suspend, a slow
+    step): deadlines that ran out meanwhile are not the workers' fault."""
+
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +161,7 @@ class ScaleRequested:
 
 Event = (
     Tick
+    | MasterStalled
     | StopRequested
     | WorkerForked
     | SpawnFailed
@@ -192,7 +195,8 @@ class Kill:
 
 @dataclass(frozen=True, slots=True)
 class Notify:
-    """One sd_notify datagram, e.g. ``READY=1`` or ``STATUS=...``."""
+    """One sd_notify datagram, built by :mod:`appliance.systemd`'s message builders (which own
+    the format: ``READY=1``, ``STATUS=`` with newlines folded), never written by hand."""
 
     message: str
 
@@ -201,7 +205,7 @@ class Notify:
 class Log:
     level: Literal["debug", "info", "warning", "error"]
     event: str
-    fields: tuple[tuple[str, Any], ...] = ()
+    fields: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +235,20 @@ class ReloadOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ScaleOutcome:
+    """Answer an ``appliance scale`` (SIGTTIN/SIGTTOU have nobody waiting)."""
+
+    request_id: int
+    ok: bool
+    workers: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Exit:
     code: int
 
 
-Action = Spawn | Kill | Notify | Log | ApplyLive | ReloadProgress | ReloadOutcome | Exit
+Action = (
+    Spawn | Kill | Notify | Log | ApplyLive | ReloadProgress | ReloadOutcome | ScaleOutcome | Exit
+)

@@ -1,42 +1,29 @@
-"""Pure glue between a loaded configuration and the policy: generations and reload plans."""
+"""Pure glue between a loaded configuration and the policy: generations and reload verdicts.
+
+Every rule about *whether* a new configuration can be rolled out lives here or in the schema
+(each setting declares its reload policy, including conditional ones such as "restart while
+``app.preload`` is on"), never in the code that reads the files: ``serve`` loads and sizes,
+then asks :func:`decide_reload`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from appliance.config.schema import Reload, diff_settings
 from appliance.master.events import Generation
 
-__all__ = ["ReloadPlan", "generation_for", "plan_reload"]
+if TYPE_CHECKING:
+    from appliance.config.load import LoadedConfig
+    from appliance.config.schema import Settings
 
-#: Under ``app.preload`` the app lives in the master's memory: changing which app (or where it
-#: is imported from) cannot be done by new workers, which are forks of that memory.
-_PRELOAD_RESTART_KEYS = ("app.target", "app.directory", "app.preload", "app.interface")
+__all__ = ["Accepted", "ReloadPlan", "decide_reload", "generation_for", "plan_reload"]
 
 
-def generation_for(loaded: Any, target: int, number: int = 1) -> Generation:
-    """The policy's view of a loaded config (``loaded.settings``, ``loaded.digest``)."""
-    s = loaded.settings
-    w = s.workers
-    return Generation(
-        number=number,
-        config=loaded,
-        digest=loaded.digest,
-        target=target,
-        boot_timeout_s=w.boot_timeout_s,
-        heartbeat_timeout_s=w.heartbeat_timeout_s,
-        graceful_timeout_s=w.graceful_timeout_s,
-        backoff_initial_s=w.backoff_initial_s,
-        backoff_max_s=w.backoff_max_s,
-        backoff_reset_s=w.backoff_reset_s,
-        max_requests=w.max_requests,
-        max_requests_jitter=w.max_requests_jitter,
-        max_rss_mb=w.max_rss_mb,
-        surge=s.reload.surge,
-        min_healthy=s.watchdog.min_healthy,
-        preload=s.app.preload,
-    )
+def generation_for(loaded: LoadedConfig, target: int, number: int = 1) -> Generation:
+    """The policy's view of a loaded config: its typed settings, digest and pool size."""
+    return Generation(number=number, settings=loaded.settings, digest=loaded.digest, target=target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +51,41 @@ class ReloadPlan:
         )
 
 
-def plan_reload(old: Any, new: Any) -> ReloadPlan:
+def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
     """Diff two validated ``Settings`` by each setting's declared reload policy."""
     live: list[str] = []
     rolling: list[str] = []
     restart: list[str] = []
-    preload = old.app.preload or new.app.preload
     for change in diff_settings(old, new):
-        if change.policy is Reload.RESTART or (preload and change.key in _PRELOAD_RESTART_KEYS):
+        if change.policy is Reload.RESTART:
             restart.append(change.key)
         elif change.policy is Reload.ROLLING:
             rolling.append(change.key)
         else:
             live.append(change.key)
     return ReloadPlan(tuple(live), tuple(rolling), tuple(restart))
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A reload that can go ahead: the generation to roll out, and how."""
+
+    generation: Generation
+    plan: ReloadPlan
+    live_only: bool
+
+
+def decide_reload(
+    running: Generation, running_target: int, new: LoadedConfig, new_target: int
+) -> Accepted | str:
+    """The verdict on rolling ``new`` over what the pool runs now (a reason string: refused).
+
+    ``running`` is the generation the pool runs (after an aborted reload, the one it went back
+    to), ``running_target`` its pool size now (``appliance scale`` may have changed it).
+    Only live settings changed *and* the pool size stays: apply live, keep every worker.
+    """
+    plan = plan_reload(running.settings, new.settings)
+    if plan.restart:
+        return plan.restart_error()
+    live_only = plan.live_only and new_target == running_target
+    return Accepted(generation_for(new, new_target), plan, live_only)

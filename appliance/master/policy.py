@@ -5,16 +5,26 @@ happened into an event, calls :func:`step`, and carries out the actions. Nothing
 signals, reads a clock or touches a file, so every path (crash loops, hung workers, rolling
 reloads and their aborts, coalesced reloads, TERM during a reload) is tested with plain pytest.
 
+The pieces live beside it: :mod:`~appliance.master.rules` (every number), the worker state
+machine as a table in :mod:`~appliance.master.workers`, and what the master reports about
+itself in :mod:`~appliance.master.views`. sd_notify text comes only from the builders in
+:mod:`appliance.systemd`.
+
+Deadlines are judged only on :class:`Tick`, which the runtime sends after it has read every
+input that was waiting: a worker is judged by what is in its pipe, not by the moment the master
+happened to look (a master that was stopped or busy would otherwise find every heartbeat late).
+
 Inside :func:`step` a private :class:`_Tx` collects changes with ordinary mutation and freezes
 them into a new :class:`MasterState` at the end; callers only ever see immutable values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Literal
 
+from appliance import systemd
+from appliance.master import rules, workers
 from appliance.master.events import (
     Action,
     ApplyLive,
@@ -25,10 +35,12 @@ from appliance.master.events import (
     Heartbeat,
     Kill,
     Log,
+    MasterStalled,
     Notify,
     ReloadOutcome,
     ReloadProgress,
     ReloadRequested,
+    ScaleOutcome,
     ScaleRequested,
     Spawn,
     SpawnFailed,
@@ -40,6 +52,7 @@ from appliance.master.events import (
     WorkerForked,
     WorkerReady,
 )
+from appliance.master.rules import HANG_DUMP_GRACE_S, MAX_POOL, max_requests_for, respawn_delay
 from appliance.master.state import (
     EXPECTED_CAUSES,
     Cause,
@@ -51,6 +64,8 @@ from appliance.master.state import (
     Worker,
     WState,
 )
+from appliance.master.views import fresh, pool_healthy, ready_fresh_slots, snapshot, status_text
+from appliance.master.workers import Report, Verdict
 
 __all__ = [
     "HANG_DUMP_GRACE_S",
@@ -66,87 +81,14 @@ __all__ = [
     "step",
 ]
 
-#: Time between asking a hung worker for its stack (SIGUSR1) and SIGKILL: long enough for
-#: faulthandler to write a few hundred frames, short enough not to matter to anyone waiting.
-HANG_DUMP_GRACE_S = 1.0
-#: Upper bound for ``appliance scale`` / SIGTTIN, matching the schema's limit on workers.count.
-MAX_POOL = 1024
-
-
-# --- pure numeric decisions ---------------------------------------------------------------------
-
-
-def respawn_delay(failures: int, initial_s: float, maximum_s: float) -> float:
-    """Delay before respawning a slot after its ``failures``-th recent failure.
-
-    The first failure is replaced at once: one crash after a healthy run is an accident, and
-    the replacement should answer within milliseconds. From the second on the delay doubles
-    from ``initial_s`` up to ``maximum_s``, so an app that raises at import costs a few forks a
-    second at first and one every ``maximum_s`` after that: never a hot loop. No jitter: the
-    slots of one master are not a thundering herd against a shared resource.
-    """
-    if failures <= 1:
-        return 0.0
-    return min(maximum_s, initial_s * 2.0 ** (failures - 2))
-
-
-def max_requests_for(key: int, max_requests: int, jitter: int) -> int:
-    """This worker's request budget: ``max_requests`` plus a per-worker spread in ``[0, jitter]``.
-
-    The spread is derived from the worker key (Knuth's multiplicative hash) rather than a random
-    generator, so the policy stays deterministic while workers spawned together still retire at
-    different times.
-    """
-    if max_requests <= 0:
-        return 0
-    if jitter <= 0:
-        return max_requests
-    return max_requests + (key * 2654435761) % (jitter + 1)
-
-
-def _healthy(w: Worker, now: float) -> bool:
-    return (
-        w.state is WState.READY
-        and w.last_seen is not None
-        and now - w.last_seen <= w.heartbeat_timeout_s
-    )
-
-
-def pool_healthy(state: MasterState, now: float) -> bool:
-    """Whether the master may tell systemd's watchdog that all is well.
-
-    Starting and stopping are governed by systemd's own start/stop timeouts, so only the
-    master's liveness matters then. Otherwise at least ``min_healthy`` workers (capped at the
-    pool size) must be READY and heartbeating within their timeout.
-    """
-    if state.phase in (Phase.STARTING, Phase.STOPPING):
-        return True
-    need = min(state.current.min_healthy, state.target)
-    return sum(1 for w in state.workers if _healthy(w, now)) >= need
-
-
-def _worker_deadline(w: Worker) -> float | None:
-    match w.state:
-        case WState.SPAWNING | WState.BOOTING:
-            return w.spawned_at + w.boot_timeout_s
-        case WState.READY:
-            assert w.last_seen is not None
-            return w.last_seen + w.heartbeat_timeout_s
-        case WState.HUNG:
-            assert w.signalled_at is not None
-            return w.signalled_at + HANG_DUMP_GRACE_S
-        case WState.DRAINING:
-            assert w.signalled_at is not None
-            return w.signalled_at + w.graceful_timeout_s
-        case _:
-            return None
+_Level = Literal["debug", "info", "warning", "error"]
 
 
 def next_deadline(state: MasterState) -> float | None:
     """The earliest time at which :func:`step` has something to do without any event."""
     candidates: list[float] = []
     for w in state.workers:
-        d = _worker_deadline(w)
+        d = workers.deadline(w)
         if d is not None:
             candidates.append(d)
     if state.phase is not Phase.STOPPING:
@@ -185,17 +127,19 @@ def start(state: MasterState, now: float) -> tuple[MasterState, list[Action]]:
         generation=state.current.number,
         workers=state.target,
         config_digest=state.current.digest,
-        preload=state.current.preload,
+        preload=state.current.settings.app.preload,
     )
-    return tx.finish()
+    return tx.finish(judge_deadlines=False)
 
 
 def step(state: MasterState, event: Event, now: float) -> tuple[MasterState, list[Action]]:
-    """Apply one event, then every deadline that has passed, then reconcile the pool."""
+    """Apply one event, then (on a :class:`Tick`) every deadline that passed, then reconcile."""
     tx = _Tx(state, now)
     match event:
         case Tick():
             pass
+        case MasterStalled(seconds=seconds):
+            tx.on_stalled(seconds)
         case WorkerForked(key=key, pid=pid):
             tx.on_forked(key, pid)
         case SpawnFailed(key=key, error=error):
@@ -218,91 +162,7 @@ def step(state: MasterState, event: Event, now: float) -> tuple[MasterState, lis
             tx.on_rejected(rid, error, source)
         case ScaleRequested():
             tx.on_scale(event)
-    return tx.finish()
-
-
-# --- views --------------------------------------------------------------------------------------
-
-
-def _fresh(w: Worker, generation: int) -> bool:
-    return w.generation == generation and w.retire is None
-
-
-def _ready_fresh_slots(state_workers: Iterable[Worker], generation: int, target: int) -> set[int]:
-    return {
-        w.slot
-        for w in state_workers
-        if w.state is WState.READY and _fresh(w, generation) and w.slot < target
-    }
-
-
-def status_text(state: MasterState) -> str:
-    """The one line systemd shows (``STATUS=``) and ``appliance status`` starts with."""
-    gen = state.current.number
-    ready = len(_ready_fresh_slots(state.workers, gen, state.target))
-    if state.phase is Phase.STOPPING:
-        live = sum(1 for w in state.workers if w.state is not WState.KILLED)
-        return f"stopping, {live} workers finishing"
-    text = f"{ready}/{state.target} workers ready, generation {gen}"
-    if state.phase is Phase.RELOADING and state.reload is not None:
-        text = f"reloading to generation {gen}: {ready}/{state.target} workers replaced"
-    elif state.phase is Phase.STARTING:
-        text = f"starting: {text}"
-    if state.phase is Phase.RUNNING and state.last_reload is not None and not state.last_reload.ok:
-        text += f"; reload failed: {state.last_reload.message}"
-    return text
-
-
-def snapshot(state: MasterState, now: float) -> dict[str, Any]:
-    """The status document served on the control socket (times relative to ``now``)."""
-    last = state.last_reload
-    run = state.reload
-    return {
-        "phase": state.phase.value,
-        "generation": state.current.number,
-        "target": state.target,
-        # Serving capacity: ready workers of any generation (old ones serve during a reload).
-        "ready": sum(1 for w in state.workers if w.state is WState.READY),
-        "config_digest": state.current.digest,
-        "status": state.status_text,
-        "uptime_s": round(now - state.started_at, 3),
-        "workers": [
-            {
-                "id": w.slot,
-                "pid": w.pid,
-                "generation": w.generation,
-                "state": w.state.value,
-                "uptime_s": round(now - w.spawned_at, 3),
-                "requests": w.requests,
-                "in_flight": w.in_flight,
-                "rss_mb": round(w.rss_mb, 1),
-                **({"retiring": w.retire} if w.retire else {}),
-            }
-            for w in sorted(state.workers, key=lambda w: (w.slot, w.generation, w.key))
-        ],
-        "reload": {
-            "state": "in_progress" if run is not None else "idle",
-            **(
-                {}
-                if run is None
-                else {
-                    "generation": run.generation,
-                    "replaced": run.replaced,
-                    "total": state.target,
-                    "running_s": round(now - run.started_at, 3),
-                }
-            ),
-            "last": None
-            if last is None
-            else {
-                "ok": last.ok,
-                "generation": last.generation,
-                "message": last.message,
-                "error": None if last.ok else last.message,
-                "age_s": round(now - last.finished_at, 3),
-            },
-        },
-    }
+    return tx.finish(judge_deadlines=isinstance(event, Tick))
 
 
 # --- the transaction ----------------------------------------------------------------------------
@@ -320,16 +180,32 @@ class _Tx:
 
     # -- helpers
 
-    def log(self, level: Any, event: str, **fields: Any) -> None:
+    def log(self, level: _Level, event: str, **fields: object) -> None:
         self.actions.append(Log(level, event, tuple(fields.items())))
 
     def notify(self, message: str) -> None:
         self.actions.append(Notify(message))
 
-    def _wlog(self, level: Any, event: str, w: Worker, **fields: Any) -> None:
+    def notify_status(self) -> None:
+        self.notify(systemd.status(status_text(self._frozen())))
+
+    def notify_ready(self) -> None:
+        self.notify(systemd.ready())
+        self.s = replace(self.s, ready_sent=True)
+
+    def notify_reloading(self) -> None:
+        self.notify(systemd.reloading(int(self.now * 1_000_000)))
+
+    def _wlog(self, level: _Level, event: str, w: Worker, **fields: object) -> None:
         self.log(level, event, worker_id=w.slot, pid=w.pid, generation=w.generation, **fields)
 
-    def _signal(self, w: Worker, signal_name: Any, cause: Cause, state: WState) -> None:
+    def _signal(
+        self,
+        w: Worker,
+        signal_name: Literal["SIGTERM", "SIGKILL", "SIGUSR1"],
+        cause: Cause,
+        state: WState,
+    ) -> None:
         if w.pid is not None:
             self.actions.append(Kill(w.key, w.pid, signal_name))
         self.workers[w.key] = replace(
@@ -352,6 +228,7 @@ class _Tx:
 
     def spawn(self, slot: int) -> None:
         gen = self.s.current
+        limits = gen.settings.workers
         key = self.s.next_key
         self.s = replace(self.s, next_key=key + 1)
         self.workers[key] = Worker(
@@ -360,59 +237,118 @@ class _Tx:
             generation=gen.number,
             state=WState.SPAWNING,
             spawned_at=self.now,
-            boot_timeout_s=gen.boot_timeout_s,
-            heartbeat_timeout_s=gen.heartbeat_timeout_s,
-            graceful_timeout_s=gen.graceful_timeout_s,
-            max_requests=max_requests_for(key, gen.max_requests, gen.max_requests_jitter),
-            max_rss_mb=gen.max_rss_mb,
+            limits=limits,
+            max_requests=max_requests_for(key, limits.max_requests, limits.max_requests_jitter),
         )
         self.actions.append(Spawn(key, slot, gen))
 
-    def record_failure(self, w: Worker, reason: str) -> float:
+    def record_failure(self, w: Worker) -> float:
         """Count a failure against ``w``'s slot and return the respawn delay."""
         health = self.slots.get(w.slot, SlotHealth())
-        failures = health.failures
-        if w.ready_at is not None and self.now - w.ready_at >= self.s.current.backoff_reset_s:
-            failures = 0
-        failures += 1
-        delay = respawn_delay(
-            failures, self.s.current.backoff_initial_s, self.s.current.backoff_max_s
+        limits = self.s.current.settings.workers
+        ready_for = None if w.ready_at is None else self.now - w.ready_at
+        failures = rules.failures_after(
+            health.failures, ready_for_s=ready_for, reset_s=limits.backoff_reset_s
         )
-        self.slots[w.slot] = SlotHealth(failures=failures, next_spawn_at=self.now + delay)
+        delay = respawn_delay(failures, limits.backoff_initial_s, limits.backoff_max_s)
+        boot_failures = health.boot_failures + 1 if w.ready_at is None else 0
+        self.slots[w.slot] = SlotHealth(
+            failures=failures, next_spawn_at=self.now + delay, boot_failures=boot_failures
+        )
         return delay
 
+    def verdict(self, key: int, report: Report) -> Worker | None:
+        """The worker ``key`` if ``report`` advances it; None (after logging what was wrong,
+        if anything) when the report is late or impossible in its state."""
+        w = self.workers.get(key)
+        if w is None:
+            # Reports for a key that is gone come from a pipe read after the reap: harmless.
+            return None
+        match workers.judge(w.state, report):
+            case Verdict.ADVANCE:
+                return w
+            case Verdict.LATE:
+                return None
+            case Verdict.UNEXPECTED:
+                self._wlog(
+                    "error",
+                    "worker.unexpected_report",
+                    w,
+                    report=report.value,
+                    state=w.state.value,
+                )
+                return None
+
     # -- events
+
+    def on_stalled(self, seconds: float) -> None:
+        """Give every deadline back the time the master itself could not listen."""
+        self.log("warning", "master.stalled", stalled_s=round(seconds, 3))
+        for key, w in self.workers.items():
+            self.workers[key] = replace(
+                w,
+                spawned_at=w.spawned_at + seconds,
+                last_seen=None if w.last_seen is None else min(self.now, w.last_seen + seconds),
+                signalled_at=None if w.signalled_at is None else w.signalled_at + seconds,
+            )
+        self.slots = {
+            slot: replace(h, next_spawn_at=h.next_spawn_at + seconds) if h.next_spawn_at else h
+            for slot, h in self.slots.items()
+        }
 
     def on_forked(self, key: int, pid: int) -> None:
         w = self.workers.get(key)
         if w is None:
+            # The policy never forgets a worker before its fork report; if it ever does, the
+            # process must still not live on unowned.
+            self.log("error", "worker.unexpected_report", pid=pid, report="forked", state="gone")
+            self.actions.append(Kill(key, pid, "SIGKILL"))
             return
-        w = replace(w, pid=pid, state=WState.BOOTING if w.state is WState.SPAWNING else w.state)
+        if workers.judge(w.state, Report.FORKED) is not Verdict.ADVANCE:
+            self._wlog("error", "worker.unexpected_report", w, report="forked", state=w.state)
+            self.actions.append(Kill(key, pid, "SIGKILL"))
+            self.workers[key] = replace(w, pid=pid, state=WState.KILLED, signalled_at=self.now)
+            return
+        if w.state is WState.KILLED:
+            # Superseded before its pid was known: deliver the SIGKILL that was decided then.
+            self.actions.append(Kill(key, pid, "SIGKILL"))
+            self.workers[key] = replace(w, pid=pid, signalled_at=self.now)
+            return
+        w = replace(w, pid=pid, state=WState.BOOTING)
         self.workers[key] = w
         self._wlog("info", "worker.spawned", w)
 
     def on_spawn_failed(self, key: int, error: str) -> None:
-        w = self.workers.pop(key, None)
+        w = self.verdict(key, Report.SPAWN_FAILED)
         if w is None:
             return
-        delay = self.record_failure(w, error)
+        del self.workers[key]
+        if w.state is WState.KILLED:
+            return  # superseded anyway
+        delay = self.record_failure(w)
         self._wlog("error", "worker.spawn_failed", w, error=error, respawn_in_s=delay)
+        self.s = replace(self.s, last_boot_error=rules.clamp_detail(error))
+        self.maybe_give_up()
 
     def on_ready(self, key: int) -> None:
-        w = self.workers.get(key)
-        if w is None or w.state is not WState.BOOTING:
+        w = self.verdict(key, Report.READY)
+        if w is None:
             return
         w = replace(w, state=WState.READY, ready_at=self.now, last_seen=self.now)
         self.workers[key] = w
+        health = self.slots.get(w.slot)
+        if health is not None and health.boot_failures:
+            self.slots[w.slot] = replace(health, boot_failures=0)
+        self.s = replace(self.s, ever_ready=True, last_boot_error=None)
         self._wlog("info", "worker.ready", w, boot_s=round(self.now - w.spawned_at, 4))
 
     def on_draining(self, key: int) -> None:
-        w = self.workers.get(key)
+        w = self.verdict(key, Report.DRAINING)
         if w is not None:
             self.workers[key] = replace(w, accepting=False)
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
-        w = self.workers.get(hb.key)
+        w = self.verdict(hb.key, Report.HEARTBEAT)
         if w is None:
             return
         w = replace(
@@ -422,20 +358,23 @@ class _Tx:
             in_flight=hb.in_flight,
             rss_mb=hb.rss_mb,
         )
+        limits = w.limits
         if w.state is WState.READY and w.retire is None:
             if w.max_requests and w.requests >= w.max_requests:
                 w = replace(w, retire=f"served {w.requests} requests (max {w.max_requests})")
-            elif w.max_rss_mb and w.rss_mb > w.max_rss_mb:
-                w = replace(w, retire=f"RSS {w.rss_mb:.0f} MiB over max {w.max_rss_mb} MiB")
+            elif limits.max_rss_mb and w.rss_mb > limits.max_rss_mb:
+                w = replace(w, retire=f"RSS {w.rss_mb:.0f} MiB over max {limits.max_rss_mb} MiB")
             if w.retire is not None:
                 self._wlog("info", "worker.recycling", w, reason=w.retire)
         self.workers[hb.key] = w
 
     def on_boot_failed(self, key: int, error: str) -> None:
-        w = self.workers.get(key)
+        w = self.verdict(key, Report.BOOT_FAILED)
         if w is None:
             return
+        error = rules.clamp_detail(error)
         self.workers[key] = replace(w, boot_error=error)
+        self.s = replace(self.s, last_boot_error=error)
         self._wlog("error", "worker.boot_failed", w, error=error)
 
     def on_exited(self, ev: WorkerExited) -> None:
@@ -443,9 +382,8 @@ class _Tx:
         if w is None:
             return
         uptime = round(self.now - w.spawned_at, 3)
-        fields: dict[str, Any] = {"exit_code": ev.exit_code, "signal": ev.signal_name}
-        expected = w.cause in EXPECTED_CAUSES
-        if expected:
+        fields: dict[str, object] = {"exit_code": ev.exit_code, "signal": ev.signal_name}
+        if w.cause in EXPECTED_CAUSES:
             assert w.cause is not None
             self._wlog("info", "worker.exited", w, **fields, reason=w.cause.value, uptime_s=uptime)
             return
@@ -458,6 +396,8 @@ class _Tx:
             reason = "exited while booting"
         else:
             reason = "crashed"
+        if never_ready:
+            self.s = replace(self.s, last_boot_error=rules.clamp_detail(w.boot_error or reason))
         run = self.s.reload
         if (
             never_ready
@@ -471,7 +411,8 @@ class _Tx:
         if self.s.phase is Phase.STOPPING:
             self._wlog("warning", "worker.exited", w, **fields, reason=reason, uptime_s=uptime)
             return
-        delay = self.record_failure(w, reason)
+        delay = self.record_failure(w)
+        health = self.slots[w.slot]
         self._wlog(
             "error" if never_ready else "warning",
             "worker.exited",
@@ -479,14 +420,43 @@ class _Tx:
             **fields,
             reason=reason,
             uptime_s=uptime,
-            failures=self.slots[w.slot].failures,
+            failures=health.failures,
             respawn_in_s=delay,
         )
+        self.maybe_give_up()
+
+    def maybe_give_up(self) -> None:
+        """Exit when the first generation can never boot (see :func:`rules.gives_up`)."""
+        if self.s.phase is not Phase.STARTING:
+            return
+        attempts = self.s.current.settings.workers.start_attempts
+        counts = [self.slots.get(slot, SlotHealth()).boot_failures for slot in range(self.s.target)]
+        if not rules.gives_up(
+            ever_ready=self.s.ever_ready, boot_failures=counts, attempts=attempts
+        ):
+            return
+        cause = self.s.last_boot_error or "no worker could boot"
+        self.log(
+            "error",
+            "master.start_failed",
+            error=cause,
+            attempts=attempts,
+            exit_code=rules.EXIT_START_FAILED,
+        )
+        self.s = replace(
+            self.s,
+            phase=Phase.STOPPING,
+            stop_started_at=self.now,
+            exit_code=rules.EXIT_START_FAILED,
+        )
+        for w in list(self.workers.values()):
+            if w.state is not WState.KILLED:
+                self.kill(w, Cause.STOP)
 
     def on_stop(self, signal_name: str, *, force: bool) -> None:
         if self.s.phase is not Phase.STOPPING:
             self.s = replace(self.s, phase=Phase.STOPPING, stop_started_at=self.now)
-            self.notify("STOPPING=1")
+            self.notify(systemd.stopping())
             self.log("info", "master.stopping", signal=signal_name, workers=len(self.workers))
             if self.s.reload is not None:
                 self.finish_reload(ok=False, message="interrupted: the master is stopping")
@@ -511,7 +481,7 @@ class _Tx:
             )
             return
         if self.s.ready_sent and phase is Phase.RUNNING:
-            self.notify(f"RELOADING=1\nMONOTONIC_USEC={int(self.now * 1_000_000)}")
+            self.notify_reloading()
         self.actions.append(ApplyLive(ev.generation))
         if ev.live_only:
             self.s = replace(
@@ -525,7 +495,7 @@ class _Tx:
                 last_reload=LastReload(True, self.s.current.number, message, self.now),
             )
             if phase is Phase.RUNNING and self.s.ready_sent:
-                self.notify("READY=1")
+                self.notify_ready()
             self.actions.append(
                 ReloadOutcome((ev.request_id,), True, self.s.current.number, message)
             )
@@ -568,22 +538,38 @@ class _Tx:
         self.log("error", "reload.failed", error=error, source=source)
         outcome = ReloadOutcome((request_id,), False, self.s.current.number, error)
         if self.s.phase is Phase.RUNNING and self.s.ready_sent:
-            self.notify(f"RELOADING=1\nMONOTONIC_USEC={int(self.now * 1_000_000)}")
+            self.notify_reloading()
             self.s = replace(
-                self.s, last_reload=LastReload(False, self.s.current.number, error, self.now)
+                self.s,
+                last_reload=LastReload(
+                    False, self.s.current.number, rules.clamp_detail(error), self.now
+                ),
             )
-            self.notify(f"STATUS={status_text(self._frozen())}")
-            self.notify("READY=1")
+            self.notify_status()
+            self.notify_ready()
         self.actions.append(outcome)
 
     def on_scale(self, ev: ScaleRequested) -> None:
         if self.s.phase is Phase.STOPPING:
+            self.actions.append(
+                ScaleOutcome(ev.request_id, False, self.s.target, "the master is stopping")
+            )
             return
-        new = ev.absolute if ev.absolute is not None else self.s.target + ev.delta
-        new = max(1, min(MAX_POOL, new))
-        if new != self.s.target:
-            self.log("info", "pool.scaled", workers_from=self.s.target, workers=new)
-            self.s = replace(self.s, target=new)
+        limits = self.s.current.settings.workers
+        low, high = limits.min, min(limits.max, MAX_POOL)
+        wanted = ev.absolute if ev.absolute is not None else self.s.target + ev.delta
+        if not low <= wanted <= high:
+            message = (
+                f"workers must be between workers.min ({low}) and workers.max ({high}) "
+                f"(got {wanted})"
+            )
+            self.log("warning", "pool.scale_refused", workers=wanted, min=low, max=high)
+            self.actions.append(ScaleOutcome(ev.request_id, False, self.s.target, message))
+            return
+        if wanted != self.s.target:
+            self.log("info", "pool.scaled", workers_from=self.s.target, workers=wanted)
+            self.s = replace(self.s, target=wanted)
+        self.actions.append(ScaleOutcome(ev.request_id, True, wanted, f"pool size set to {wanted}"))
 
     # -- reload bookkeeping
 
@@ -595,7 +581,7 @@ class _Tx:
         for w in list(self.workers.values()):
             if w.generation == aborted and w.state in (WState.SPAWNING, WState.BOOTING):
                 self.kill(w, Cause.ABORT)
-        self.finish_reload(ok=False, message=f"aborted: {reason}")
+        self.finish_reload(ok=False, message=f"aborted: {rules.clamp_detail(reason)}")
 
     def finish_reload(self, *, ok: bool, message: str) -> None:
         run = self.s.reload
@@ -618,20 +604,20 @@ class _Tx:
         self.actions.append(ReloadOutcome(run.request_ids, ok, gen, message))
         if phase is Phase.RUNNING:
             if not ok:
-                self.notify(f"STATUS={status_text(self._frozen())}")
-            self.notify("READY=1")
-            self.s = replace(self.s, ready_sent=True)
+                self.notify_status()
+            self.notify_ready()
 
     # -- deadlines and reconciliation
 
     def check_deadlines(self) -> None:
         for w in list(self.workers.values()):
-            deadline = _worker_deadline(w)
+            deadline = workers.deadline(w)
             if deadline is None or deadline > self.now:
                 continue
+            limits = w.limits
             match w.state:
                 case WState.SPAWNING | WState.BOOTING:
-                    self._wlog("error", "worker.boot_timeout", w, timeout_s=w.boot_timeout_s)
+                    self._wlog("error", "worker.boot_timeout", w, timeout_s=limits.boot_timeout_s)
                     self.kill(w, Cause.BOOT_TIMEOUT)
                 case WState.READY:
                     silent = round(self.now - (w.last_seen or w.spawned_at), 3)
@@ -642,30 +628,46 @@ class _Tx:
                 case WState.HUNG:
                     self.kill(w, Cause.HUNG)
                 case WState.DRAINING:
-                    self._wlog("warning", "worker.drain_timeout", w, timeout_s=w.graceful_timeout_s)
+                    self._wlog(
+                        "warning", "worker.drain_timeout", w, timeout_s=limits.graceful_timeout_s
+                    )
                     self.kill(w, w.cause or Cause.DRAIN)
+                case WState.KILLED:
+                    self._wlog(
+                        "warning",
+                        "worker.kill_pending",
+                        w,
+                        waited_s=round(self.now - (w.signalled_at or self.now), 3),
+                    )
+                    self.kill(w, w.cause or Cause.STOP)
 
     def reconcile(self) -> None:
         if self.s.phase is Phase.STOPPING:
             if not self.workers:
-                self.log("info", "master.stopped", uptime_s=round(self.now - self.s.started_at, 3))
-                self.actions.append(Exit(0))
-                self.s = replace(self.s, exit_code=0)
+                code = self.s.exit_code or 0
+                self.log(
+                    "info",
+                    "master.stopped",
+                    uptime_s=round(self.now - self.s.started_at, 3),
+                    exit_code=code,
+                )
+                self.actions.append(Exit(code))
+                self.s = replace(self.s, exit_code=code)
             return
         gen = self.s.current.number
         target = self.s.target
         live = [w for w in self.workers.values() if w.live]
         booting = sum(1 for w in live if w.state in (WState.SPAWNING, WState.BOOTING))
-        surge = max(1, self.s.current.surge)
+        surge = max(1, self.s.current.settings.reload.surge)
         for slot in range(target):
             in_slot = [w for w in live if w.slot == slot]
-            fresh = [w for w in in_slot if _fresh(w, gen)]
-            stale = [w for w in in_slot if not _fresh(w, gen)]
-            if any(w.state is WState.READY for w in fresh):
+            current = [w for w in in_slot if fresh(w, gen)]
+            stale = [w for w in in_slot if not fresh(w, gen)]
+            if any(w.state is WState.READY for w in current):
                 for w in stale:
                     self.drain(w, Cause.RETIRE if w.generation == gen else Cause.DRAIN)
                 continue
-            if fresh:
+            if current:
                 continue  # booting, or hung and about to be killed
             if any(
                 w.slot == slot and w.cause in (Cause.BOOT_TIMEOUT, Cause.HUNG)
@@ -682,7 +684,7 @@ class _Tx:
             if health.next_spawn_at <= self.now:
                 self.spawn(slot)
                 booting += 1
-        ready_slots = _ready_fresh_slots(self.workers.values(), gen, target)
+        ready_slots = ready_fresh_slots(self.workers.values(), gen, target)
         full = len(ready_slots) == target
         if full:
             for w in live:
@@ -706,7 +708,7 @@ class _Tx:
             # Done when only the new generation takes connections: every old worker is gone,
             # killed, or has confirmed it closed its listening sockets.
             stale_left = any(
-                not _fresh(w, gen) and (w.live or (w.state is WState.DRAINING and w.accepting))
+                not fresh(w, gen) and (w.live or (w.state is WState.DRAINING and w.accepting))
                 for w in self.workers.values()
             )
             if full and not stale_left:
@@ -714,7 +716,7 @@ class _Tx:
                     ok=True, message=f"generation {gen} serving with {target} workers"
                 )
         elif self.s.phase is Phase.STARTING and full:
-            self.s = replace(self.s, phase=Phase.RUNNING, ready_sent=True)
+            self.s = replace(self.s, phase=Phase.RUNNING)
             self.log(
                 "info",
                 "master.ready",
@@ -722,15 +724,15 @@ class _Tx:
                 workers=target,
                 startup_s=round(self.now - self.s.started_at, 4),
             )
-            self.notify(f"STATUS={status_text(self._frozen())}")
-            self.notify("READY=1")
+            self.notify_status()
+            self.notify_ready()
 
     def watchdog(self) -> None:
         interval = self.s.watchdog_interval_s
         if interval is None or self.now < self.s.watchdog_next:
             return
         if pool_healthy(self._frozen(), self.now):
-            self.notify("WATCHDOG=1")
+            self.notify(systemd.watchdog())
             self.s = replace(self.s, watchdog_next=self.now + interval)
         else:
             # Ask again soon: recovering between two pings must not cost a missed deadline.
@@ -743,18 +745,19 @@ class _Tx:
             slots=tuple(sorted(self.slots.items())),
         )
 
-    def finish(self) -> tuple[MasterState, list[Action]]:
-        self.check_deadlines()
+    def finish(self, *, judge_deadlines: bool) -> tuple[MasterState, list[Action]]:
+        if judge_deadlines:
+            self.check_deadlines()
         self.reconcile()
         self.watchdog()
         state = self._frozen()
         text = status_text(state)
         if text != state.status_text:
             state = replace(state, status_text=text)
-            note = Notify(f"STATUS={text}")
+            note = Notify(systemd.status(text))
             if note not in self.actions:
                 # systemd should see the new status no later than READY=1.
-                ready = Notify("READY=1")
+                ready = Notify(systemd.ready())
                 at = self.actions.index(ready) if ready in self.actions else len(self.actions)
                 self.actions.insert(at, note)
         return state, self.actions

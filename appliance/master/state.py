@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from appliance.master.events import Generation
+
+if TYPE_CHECKING:
+    from appliance.config.schema import WorkerSettings
 
 __all__ = [
     "Cause",
@@ -61,16 +65,20 @@ EXPECTED_CAUSES = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class Worker:
+    """The master's handle on one child.
+
+    ``limits`` are the ``[workers]`` settings of the worker's own generation (an old worker
+    keeps the timeouts it was started with while a reload rolls out new ones); ``max_requests``
+    is this worker's budget, the setting plus its spread (:func:`rules.max_requests_for`).
+    """
+
     key: int
     slot: int
     generation: int
     state: WState
     spawned_at: float
-    boot_timeout_s: float
-    heartbeat_timeout_s: float
-    graceful_timeout_s: float
+    limits: WorkerSettings
     max_requests: int = 0
-    max_rss_mb: int = 0
     pid: int | None = None
     ready_at: float | None = None
     last_seen: float | None = None
@@ -91,10 +99,12 @@ class Worker:
 
 @dataclass(frozen=True, slots=True)
 class SlotHealth:
-    """Recent failures of one pool slot, for the respawn backoff."""
+    """Recent failures of one pool slot: ``failures`` drives the respawn backoff,
+    ``boot_failures`` (boots in a row that never became ready) the start give-up rule."""
 
     failures: int = 0
     next_spawn_at: float = 0.0
+    boot_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,4 +141,9 @@ class MasterState:
     watchdog_next: float = 0.0
     started_at: float = 0.0
     stop_started_at: float | None = None
+    #: The status the master exits with once its last worker is gone (set when it stops).
     exit_code: int | None = None
+    #: Some worker of any generation reported ready since the master started.
+    ever_ready: bool = False
+    #: Why the latest boot failed, shown in STATUS= and ``appliance status`` while starting.
+    last_boot_error: str | None = None

@@ -15,11 +15,15 @@ import socket
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from appliance import log
 from appliance.importer import AppImportError, import_app
 from appliance.worker import info, protocol
+
+if TYPE_CHECKING:
+    from appliance.engines.asgi import EngineSettings
+    from appliance.engines.balance import LoadBoard
 
 __all__ = ["EXIT_BOOT_ERROR", "EXIT_CRASH", "EXIT_OK", "WorkerSpec", "run"]
 
@@ -38,14 +42,15 @@ class WorkerSpec:
     config_digest: str
     app_target: str
     app_directory: str | None
-    preloaded_app: Any
+    #: The app the master imported (``app.preload``), else None: import it here.
+    preloaded_app: object
     sockets: tuple[socket.socket, ...]
-    engine: Any  # appliance.engines.asgi.EngineSettings
+    engine: EngineSettings
     log_level: str
     log_format: str
     report_fd: int
     alive_fd: int | None
-    board: Any = None  # appliance.engines.balance.LoadBoard
+    board: LoadBoard | None = None
     lane: int | None = None
 
 
@@ -77,7 +82,7 @@ def run(spec: WorkerSpec) -> NoReturn:
             try:
                 app = import_app(spec.app_target, spec.app_directory)
             except AppImportError as exc:
-                protocol.send(spec.report_fd, "boot_error", error=str(exc))
+                protocol.send(spec.report_fd, protocol.BootError(str(exc)))
                 logger.exception("worker.import_failed", error=str(exc))
                 os._exit(EXIT_BOOT_ERROR)
         from appliance.engines import asgi
@@ -94,7 +99,7 @@ def run(spec: WorkerSpec) -> NoReturn:
     except SystemExit as exc:  # uvicorn exits 3 when the app's lifespan startup fails
         code = exc.code if isinstance(exc.code, int) else EXIT_CRASH
         if code == EXIT_BOOT_ERROR:
-            protocol.send(spec.report_fd, "boot_error", error="the app's lifespan startup failed")
+            protocol.send(spec.report_fd, protocol.BootError("the app's lifespan startup failed"))
     except BaseException:  # noqa: BLE001 - the last line of defence before os._exit
         try:
             log.get_logger().exception("worker.crashed")

@@ -44,7 +44,12 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS}
+    # APPLIANCE_* of the runner's shell would point the CLI at another master or config.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _SYSTEMD_VARS and not k.startswith("APPLIANCE_")
+    }
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import APPS, Load, Master, base_config, clean_env, http_get, write_config
+from harness import APPS, Load, Master, base_config, clean_env, cli, http_get, write_config
 
 
 def test_default_serve_answers_with_pid_generation_digest_and_healthz(start_master, workdir):
@@ -115,7 +116,12 @@ def test_crash_looping_app_backs_off_and_says_why(start_master, workdir):
     cfg = base_config(
         workdir,
         app={"target": "broken:app", "directory": str(APPS)},
-        workers={"count": 1, "backoff_initial_s": 0.05, "backoff_max_s": 0.4},
+        workers={
+            "count": 1,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.4,
+            "start_attempts": 100,
+        },
     )
     m = start_master(cfg)
     sixth = m.logs.wait_for("worker.exited", count=6)
@@ -126,8 +132,31 @@ def test_crash_looping_app_backs_off_and_says_why(start_master, workdir):
     assert "this app is broken on purpose" in sixth["reason"]
     assert m.logs.find("worker.boot_failed")
     assert not m.logs.find("master.ready")
+    # Meanwhile the operator sees why in `appliance status`.
+    out = cli("status", "--json", "--config", str(workdir / "appliance.toml"))
+    assert out.returncode == 0, out.stderr
+    assert "broken on purpose" in json.loads(out.stdout)["last_boot_error"]
     m.signal(signal.SIGTERM)
     assert m.wait() == 0
+
+
+def test_an_app_that_never_boots_makes_the_master_exit_3_with_the_cause(
+    start_master, workdir, notify
+):
+    """gunicorn exits 3 at once; we retry workers.start_attempts times per slot, then exit 3 so
+    that systemd's Restart= and start limit act (instead of waiting out TimeoutStartSec=)."""
+    cfg = base_config(
+        workdir,
+        app={"target": "broken:app", "directory": str(APPS)},
+        workers={"count": 2, "start_attempts": 3, "backoff_initial_s": 0.01},
+    )
+    m = start_master(cfg, env=clean_env(NOTIFY_SOCKET=notify.path))
+    assert m.wait() == 3
+    (failed,) = m.logs.find("master.start_failed")
+    assert "this app is broken on purpose" in failed["error"] and failed["attempts"] == 3
+    assert len(m.logs.find("worker.exited")) >= 6
+    notify.wait_for(lambda text: text.startswith("STATUS=failed to start: "))
+    assert "READY=1" not in notify.texts()
 
 
 def test_sigterm_lets_a_slow_request_finish_then_exits_0(start_master, workdir):

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import resource
+import socket
 
-from appliance.engines.balance import MAX_DEFER_S, LoadBoard, may_accept
+import pytest
+from structlog.testing import capture_logs
+
+from appliance.engines.balance import (
+    BACKOFF_INITIAL_S,
+    BACKOFF_MAX_S,
+    LOG_EVERY_S,
+    MAX_DEFER_S,
+    RESOURCE_ERRNOS,
+    Acceptor,
+    LoadBoard,
+    _Counter,
+    accept_pause,
+    may_accept,
+)
 
 
 def test_least_loaded_accepts_and_ties_accept() -> None:
@@ -46,3 +64,147 @@ def test_board_is_shared_across_fork() -> None:
     os.waitpid(pid, 0)
     assert board.value(lane) == 3
     assert board.lowest_other(other) == 3
+
+
+# --- resource exhaustion (EMFILE and friends) --------------------------------------------------
+
+
+def test_accept_pause_grows_from_initial_to_max_and_stays() -> None:
+    delays = [accept_pause(n, None, 0.0)[0] for n in range(1, 9)]
+    assert delays[0] == BACKOFF_INITIAL_S
+    assert delays == sorted(delays), "never shorter while the failures persist"
+    assert delays[-1] == BACKOFF_MAX_S
+    assert accept_pause(10**6, None, 0.0)[0] == BACKOFF_MAX_S, "no overflow on a long episode"
+
+
+def test_accept_pause_logs_once_per_episode_then_at_most_every_log_every_s() -> None:
+    assert accept_pause(1, None, 100.0)[1] is True
+    assert accept_pause(7, 100.0, 100.0 + LOG_EVERY_S / 2)[1] is False
+    assert accept_pause(12, 100.0, 100.0 + LOG_EVERY_S)[1] is True
+
+
+class _FailingSocket(socket.socket):
+    """A real listening socket (so the loop can watch it) whose accept() fails on demand."""
+
+    fail_with: int | None = None
+    calls = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.calls += 1
+        if self.fail_with is not None:
+            raise OSError(self.fail_with, os.strerror(self.fail_with))
+        return super().accept()
+
+
+@pytest.mark.parametrize("code", sorted(RESOURCE_ERRNOS))
+def test_resource_failure_pauses_accepting_marks_lane_dead_logs_then_resumes(code: int) -> None:
+    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
+    listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    client = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client.connect(listener.getsockname())
+        board = LoadBoard(capacity=2)
+        lane, other = board.claim(), board.claim()
+        assert lane is not None and other is not None
+        board.publish(other, 9)
+        counter = _Counter(board, lane)
+        acceptor = Acceptor(loop, asyncio.Protocol, listener, counter)
+        assert board.value(lane) == 0
+        listener.fail_with = code
+        with capture_logs() as captured:
+            acceptor._on_readable()
+        # One attempt, then the socket is no longer watched (no busy loop on a readable
+        # socket) and peers see this lane as dead until the pause ends.
+        assert listener.calls == 1
+        assert not loop.remove_reader(listener.fileno())
+        assert board.value(lane) > 1_000_000
+        assert board.lowest_other(other) > 1_000_000
+        pause = acceptor._resume
+        assert pause is not None
+        assert pause.when() - loop.time() == pytest.approx(BACKOFF_INITIAL_S, abs=0.05)
+        [event] = captured
+        assert event["event"] == "worker.accept_failed"
+        assert event["log_level"] == "warning"
+        assert event["error"] == errno.errorcode[code]
+        assert event["limit"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert 0 < event["open_fds"] <= max(event["limit"], event["open_fds"])
+        assert event["failures"] == 1 and event["paused_s"] == BACKOFF_INITIAL_S
+
+        # The pause ends: watching again, lane alive; a second failure pauses longer and is
+        # not logged again (same episode).
+        pause.cancel()
+        acceptor._resume_accepting()
+        assert board.value(lane) == 0
+        with capture_logs() as captured:
+            acceptor._on_readable()
+        assert captured == []
+        assert acceptor._resume is not None
+        assert acceptor._resume.when() - loop.time() == pytest.approx(
+            2 * BACKOFF_INITIAL_S, abs=0.05
+        )
+
+        # Descriptors are back: the queued connection is accepted and the episode ends.
+        acceptor._resume.cancel()
+        acceptor._resume_accepting()
+        listener.fail_with = None
+        with capture_logs() as captured:
+            acceptor._on_readable()
+        assert counter.open == 1
+        assert [e["event"] for e in captured] == ["worker.accept_resumed"]
+        assert captured[0]["failures"] == 2
+        acceptor.close()
+        assert board.value(lane) > 1_000_000
+    finally:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        client.close()
+        listener.close()
+
+
+def test_close_while_paused_neither_resumes_nor_double_counts() -> None:
+    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
+    listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        board = LoadBoard(capacity=1)
+        lane = board.claim()
+        assert lane is not None
+        counter = _Counter(board, lane)
+        acceptor = Acceptor(loop, asyncio.Protocol, listener, counter)
+        listener.fail_with = errno.EMFILE
+        with capture_logs():
+            acceptor._on_readable()
+        acceptor.close()
+        assert counter.accepting == 0 and acceptor._resume is None
+        assert not acceptor.is_serving()
+        acceptor._resume_accepting()  # a timer that fired anyway changes nothing
+        assert counter.accepting == 0
+        assert not loop.remove_reader(listener.fileno())
+    finally:
+        loop.close()
+        listener.close()
+
+
+def test_other_accept_errors_drop_that_connection_only() -> None:
+    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
+    listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        board = LoadBoard(capacity=1)
+        lane = board.claim()
+        assert lane is not None
+        acceptor = Acceptor(loop, asyncio.Protocol, listener, _Counter(board, lane))
+        listener.fail_with = errno.EPROTO
+        with capture_logs() as captured:
+            acceptor._on_readable()
+        assert captured == [] and acceptor._resume is None
+        assert loop.remove_reader(listener.fileno()), "still watching"
+    finally:
+        loop.close()
+        listener.close()

@@ -94,15 +94,45 @@ def test_a_later_table_replaces_an_earlier_array_attribution(main: Path) -> None
     assert loaded.origins["workers.min"] == str(drop_in)
 
 
-def test_hidden_and_non_toml_and_directories_are_ignored(main: Path) -> None:
+def test_a_scalar_replacing_a_table_takes_over_its_provenance(main: Path) -> None:
+    _write(main, "[workers]\ncount = 2\nmin = 1\n[junk]\n")
+    site = _write(main.parent / "conf.d/50-site.toml", "workers = 3\n[junk]\n")
+    assert _problems(main) == [
+        f"{site}: workers: expected a table (got 3)",
+        (
+            f"{main}: junk: unknown setting; valid tables: app, workers, reload, listen, http, "
+            "watchdog, control, log"
+        ),
+    ]
+
+
+def test_hidden_and_non_toml_files_are_ignored(main: Path) -> None:
     _write(main, "")
     _write(main.parent / "conf.d/.50-hidden.toml", "[workers]\ncount = 7\n")
     _write(main.parent / "conf.d/50-site.toml~", "[workers]\ncount = 7\n")
     _write(main.parent / "conf.d/50-site.toml.dpkg-old", "[workers]\ncount = 7\n")
-    (main.parent / "conf.d/60-dir.toml").mkdir()
+    (main.parent / "conf.d/.#60-lock.toml").symlink_to("nowhere")  # an editor's lock file
     loaded = load_config(main)
     assert loaded.settings.workers.count == "auto"
     assert loaded.files == (main,)
+
+
+def test_a_directory_named_like_a_drop_in_is_an_error(main: Path) -> None:
+    # Silently skipping it would silently drop the settings the operator meant to put there.
+    _write(main, "")
+    (main.parent / "conf.d/60-dir.toml").mkdir(parents=True)
+    assert _problems(main) == [
+        f"{main.parent}/conf.d/60-dir.toml: not a regular file (a directory)"
+    ]
+
+
+def test_a_dangling_drop_in_symlink_is_an_error(main: Path) -> None:
+    _write(main, "")
+    (main.parent / "conf.d").mkdir()
+    (main.parent / "conf.d/50-site.toml").symlink_to(main.parent / "gone.toml")
+    assert _problems(main) == [
+        f"{main.parent}/conf.d/50-site.toml: file not found (a dangling symbolic link)"
+    ]
 
 
 def test_missing_main_file(main: Path) -> None:
@@ -138,7 +168,7 @@ def test_unreadable_file(main: Path) -> None:
 
 def test_main_path_that_is_a_directory(main: Path) -> None:
     main.mkdir()
-    assert _problems(main) == [f"{main}: cannot read file: Is a directory"]
+    assert _problems(main) == [f"{main}: not a regular file (a directory)"]
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from appliance.config.schema import Settings
-from appliance.master.plan import generation_for, plan_reload
+from appliance.master.plan import Accepted, decide_reload, generation_for, plan_reload
 
 
 def s(**sections: dict) -> Settings:
@@ -42,12 +42,26 @@ def test_app_change_under_preload_needs_restart() -> None:
     assert plan_reload(s(), s(app={"target": "other:app"})).rolling == ("app.target",)
 
 
-def test_generation_carries_the_numbers_the_policy_needs() -> None:
+def test_generation_carries_the_typed_settings() -> None:
     class Loaded:
         settings = s(workers={"graceful_timeout_s": 7, "max_requests": 10}, reload={"surge": 2})
         digest = "abc"
 
-    g = generation_for(Loaded(), target=4, number=3)
-    assert (g.number, g.target, g.graceful_timeout_s, g.max_requests, g.surge, g.digest) == (
-        3, 4, 7.0, 10, 2, "abc"
-    )
+    g = generation_for(Loaded(), target=4, number=3)  # type: ignore[arg-type]
+    assert (g.number, g.target, g.digest) == (3, 4, "abc")
+    assert g.settings.workers.graceful_timeout_s == 7.0 and g.settings.reload.surge == 2
+
+
+def test_decide_reload_refuses_a_restart_setting_and_keeps_live_only_with_the_pool_size() -> None:
+    class Loaded:
+        def __init__(self, settings: Settings) -> None:
+            self.settings, self.digest = settings, "new"
+
+    running = generation_for(Loaded(s()), target=2)  # type: ignore[arg-type]
+    refused = decide_reload(running, 2, Loaded(s(control={"path": "/run/x.sock"})), 2)  # type: ignore[arg-type]
+    assert isinstance(refused, str) and "control.path" in refused
+    live = decide_reload(running, 2, Loaded(s(log={"level": "debug"})), 2)  # type: ignore[arg-type]
+    assert isinstance(live, Accepted) and live.live_only
+    # Scaled at run time to 3: the same config rolls back to the configured size.
+    resized = decide_reload(running, 3, Loaded(s(log={"level": "debug"})), 2)  # type: ignore[arg-type]
+    assert isinstance(resized, Accepted) and not resized.live_only

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from appliance.config.schema import Settings
 from appliance.master import policy
 from appliance.master.events import (
     ConfigRejected,
@@ -31,21 +32,28 @@ from appliance.master.events import (
 from appliance.master.state import MasterState, Phase, WState
 
 
-def gen(target: int = 2, number: int = 1, **kw: object) -> Generation:
-    base = dict(
-        number=number,
-        config=None,
-        digest=f"d{number}",
-        target=target,
-        boot_timeout_s=30.0,
-        heartbeat_timeout_s=10.0,
-        graceful_timeout_s=20.0,
-        backoff_initial_s=0.1,
-        backoff_max_s=10.0,
-        backoff_reset_s=30.0,
+_WORKERS = dict(
+    boot_timeout_s=30.0,
+    heartbeat_timeout_s=10.0,
+    graceful_timeout_s=20.0,
+    backoff_initial_s=0.1,
+    backoff_max_s=10.0,
+    backoff_reset_s=30.0,
+)
+_SECTIONS = {"reload": ("surge",), "watchdog": ("min_healthy",), "app": ("preload",)}
+
+
+def gen(target: int = 2, number: int = 1, digest: str = "", **kw: object) -> Generation:
+    """A generation of ``target`` workers; keyword arguments name [workers] settings, or
+    ``surge`` / ``min_healthy`` / ``preload`` of their own sections."""
+    sections: dict[str, dict[str, object]] = {"workers": dict(_WORKERS)}
+    for name, value in kw.items():
+        section = next((sec for sec, names in _SECTIONS.items() if name in names), "workers")
+        sections.setdefault(section, {})[name] = value
+    settings = Settings.model_validate(sections)
+    return Generation(
+        number=number, settings=settings, digest=digest or f"d{number}", target=target
     )
-    base.update(kw)
-    return Generation(**base)  # type: ignore[arg-type]
 
 
 class Sim:
@@ -141,7 +149,7 @@ def test_crash_of_a_healthy_worker_is_replaced_at_once() -> None:
 
 
 def test_import_failure_loop_backs_off_never_hot() -> None:
-    sim = Sim(gen(target=1))
+    sim = Sim(gen(target=1, start_attempts=100))
     spawn_times = []
     for _ in range(8):
         (w,) = sim.workers()
@@ -161,7 +169,7 @@ def test_import_failure_loop_backs_off_never_hot() -> None:
 
 
 def test_failures_reset_after_healthy_uptime() -> None:
-    sim = Sim(gen(target=1))
+    sim = Sim(gen(target=1, start_attempts=100))
     for _ in range(3):  # three quick boot failures
         (w,) = sim.workers()
         sim.exit_of(w.key, 3)

@@ -78,3 +78,26 @@ def test_check_mode_fails_on_stale_output(tmp_path: Path) -> None:
     assert (tmp_path / "docs" / "settings.md").read_text(encoding="utf-8") == DOC.read_text(
         encoding="utf-8"
     )
+
+
+def test_doc_shows_the_preload_rule_where_the_planner_applies_it() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines()}
+    for name in ("`target`", "`interface`", "`directory`"):
+        assert "| rolling; needs restart while `app.preload` is true |" in rows[name], name
+    assert "| restart |" in rows["`preload`"]
+    assert "reloads by its own policy unless `app.preload` is true" in " ".join(text.splitlines())
+    example = " ".join(
+        line.removeprefix("## ") for line in EXAMPLE.read_text(encoding="utf-8").splitlines()
+    )
+    assert "Reload: rolling; needs restart while `app.preload` is true." in example
+
+
+def test_doc_states_the_file_limits() -> None:
+    from appliance.config.read import MAX_DEPTH, MAX_DROP_INS, MAX_FILE_BYTES, MAX_VALUES
+
+    text = DOC.read_text(encoding="utf-8")
+    assert "## Limits" in text
+    for value in (f"{MAX_FILE_BYTES} bytes", str(MAX_DROP_INS), f"{MAX_DEPTH} levels"):
+        assert f"| {value}" in text, value
+    assert f"| {MAX_VALUES} |" in text
