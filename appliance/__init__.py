@@ -4,4 +4,7 @@ from __future__ import annotations
 
 __all__ = ["__version__"]
 
-__version__ = "0.1.0"
+# The one place the version is written: pyproject.toml reads it (dynamic = ["version"]), the
+# .deb's version is derived from it by scripts/build-deb, and `appliance --version` and the
+# journal's VERSION= field print it.
+__version__ = "0.1.1"

@@ -32,6 +32,29 @@ EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 
+INSTANCE_ENV = "APPLIANCE_INSTANCE"
+_INSTANCE_MAX = 21  # "appliance-NAME" is the instance's dynamic user; a user name has <= 31
+_INSTANCE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _instance_name(text: str) -> str:
+    """``--instance``: the NAME of ``appliance@NAME``; it becomes part of paths and a user name."""
+    if not (
+        0 < len(text) <= _INSTANCE_MAX
+        and set(text) <= _INSTANCE_CHARS
+        and text[0] not in "-_"
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: 1-{_INSTANCE_MAX} lowercase letters, digits, '-' and '_', "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+def instance_config(instance: str) -> Path:
+    """The main config file of ``appliance@NAME`` (its drop-ins are in ``conf.d/`` beside it)."""
+    return Path("/etc/appliance") / instance / "appliance.toml"
+
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -100,6 +123,17 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Settings reference: /usr/share/doc/appliance/settings.md (docs/settings.md).",
     )
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    p.add_argument(
+        "--instance",
+        metavar="NAME",
+        type=_instance_name,
+        default=None,
+        help=(
+            "act on the instance appliance@NAME (default: $APPLIANCE_INSTANCE): its config is "
+            "/etc/appliance/NAME/appliance.toml and conf.d/, its control socket "
+            "/run/appliance-NAME/control.sock, its journal identifier appliance@NAME"
+        ),
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser(
@@ -118,9 +152,16 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="validate the configuration",
         description="Validate the config; exit 0, or exit 1 printing every problem as "
-        "FILE: key: message (got VALUE).",
+        "FILE: key: message (got VALUE). The app's environment (app.virtualenv, "
+        "app.python_path) is checked too.",
     )
     _config_arg(c)
+    c.add_argument(
+        "--app",
+        action="store_true",
+        help="also import the app once, in a throwaway child with its configured environment "
+        "(virtualenv, paths, env), and report the import error in one line",
+    )
 
     cfg = sub.add_parser(
         "config",
@@ -166,6 +207,9 @@ def _config_path(args: argparse.Namespace) -> tuple[Path, bool]:
     env = os.environ.get("APPLIANCE_CONFIG")
     if env:
         return Path(env), True
+    instance = os.environ.get(INSTANCE_ENV)
+    if instance:
+        return instance_config(instance), False
     return DEFAULT_CONFIG, False
 
 
@@ -183,9 +227,29 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from appliance.appenv import AppEnvError, check_findable, resolve
+
     loaded = _load(args)
+    app = loaded.settings.app
+    try:
+        environment = resolve(app)
+        check_findable(environment, app.target)
+    except AppEnvError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     files = ", ".join(str(f) for f in loaded.files) or "no files (built-in defaults)"
-    print(f"configuration ok ({files}; digest {loaded.digest})")
+    line = f"configuration ok ({files}; digest {loaded.digest})"
+    if args.app:
+        from appliance.worker.probe import probe_import
+
+        ok, text, seconds = probe_import(
+            environment, app.target, app.directory, loaded.settings.workers.boot_timeout_s
+        )
+        if not ok:
+            print(f"appliance: {text}", file=sys.stderr)
+            return EXIT_FAIL
+        line += f"; app {text} ({seconds:.2f}s)"
+    print(line)
     return EXIT_OK
 
 
@@ -227,20 +291,21 @@ def _fail(command: str, reason: object) -> int:
 def _unreachable(command: str, target: ControlTarget, exc: ControlError) -> int:
     """Report a failed conversation; when nobody listened, say where else to look."""
     from appliance.control import ControlUnavailable
-    from appliance.control.locate import DEFAULT, SYSTEM_SOCKET
+    from appliance.control.locate import DEFAULT, system_socket
 
     if not (isinstance(exc, ControlUnavailable) and exc.nobody_listening) or target.explicit:
         return _fail(command, exc)
+    system = system_socket(os.environ)
     if (
         target.source == DEFAULT
         and os.getuid() != 0
-        and target.path != SYSTEM_SOCKET
-        and os.path.lexists(SYSTEM_SOCKET)
+        and target.path != system
+        and os.path.lexists(system)
     ):
         return _fail(
             command,
             "permission denied or not running as the service user: the system master's socket "
-            f"is {SYSTEM_SOCKET} (mode 0600); run as root (tried {target.path})",
+            f"is {system} (mode 0600); run as root (tried {target.path})",
         )
     hint = f"{exc}; pass --control PATH if [control] path is set in a file that is missing or "
     hint += "unreadable"
@@ -355,8 +420,25 @@ _COMMANDS = {
 }
 
 
+def _select_instance(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--instance NAME`` is ``$APPLIANCE_INSTANCE``: set in the environment, so the config
+    and socket defaults, the journal identifier, and every process the master starts see it."""
+    instance = args.instance
+    if instance is None and os.environ.get(INSTANCE_ENV):
+        try:
+            instance = _instance_name(os.environ[INSTANCE_ENV])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"${INSTANCE_ENV}: {exc}")
+    if instance is None:
+        os.environ.pop(INSTANCE_ENV, None)  # an empty value means none
+    else:
+        os.environ[INSTANCE_ENV] = instance
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _select_instance(parser, args)
     # Text from the master may hold lone surrogates ("\\udcff" is valid JSON): print it
     # escaped rather than die with UnicodeEncodeError halfway through the output.
     reconfigure = getattr(sys.stdout, "reconfigure", None)

@@ -27,7 +27,7 @@ import socket
 import struct
 from collections.abc import Mapping
 
-from appliance.systemd import SystemdEnvError
+from appliance._systemd_env import SystemdEnvError
 
 __all__ = [
     "DEFAULT_JOURNAL_SOCKET",

@@ -1,4 +1,4 @@
-"""Logging for the master and the workers: structlog events to journald, JSON lines or a console.
+"""Logging for the master and the workers: events to journald, JSON lines or a console.
 
 Every log call names a stable dotted event and passes facts as fields::
 
@@ -10,48 +10,60 @@ Three outputs, picked by :func:`configure_logging` (``fmt="auto"`` chooses for y
 * ``journal``: one native journald entry per event, every field queryable
   (``journalctl -u appliance EVENT=worker.exited WORKER_ID=2``);
 * ``json``: one JSON object per line (``ts``, ``level``, ``event``, then the fields);
-* ``console``: structlog's aligned, human line; colours only on a terminal.
+* ``console``: an aligned, human line (:func:`_console_line`); colours only on a terminal.
 
 How the pieces fit, and why:
 
-* The processor chain handed to structlog never changes; what it does is looked up at call
-  time in one module-level :class:`_Active` value that :func:`configure_logging` swaps. So a
-  logger created (or cached by structlog's ``cache_logger_on_first_use``) before a live
-  log-level reload obeys the new level, and a worker that reconfigures after ``fork()``
-  replaces all inherited state in one assignment.
-* Level filtering is a method-level integer comparison (like
-  ``make_filtering_bound_logger``, whose level is fixed at class creation and so cannot
-  follow a live reload).
+* Standard library only. A worker hosts the application, soon from the application's own
+  virtualenv, so nothing appliance uses for itself may occupy a name in the application's
+  module namespace: an application that pins its own structlog must get its own, configured
+  its own way. Importing this module pulls in neither sdnotify nor pydantic either
+  (``tests/unit/test_log.py`` checks all three in a fresh interpreter). The one global this
+  module touches is its own handler on the stdlib root logger (the bridge below).
+* What a logger does is looked up at call time in one module-level :class:`_Active` value
+  that :func:`configure_logging` swaps. So a logger created before a live log-level reload
+  obeys the new level, and a worker that reconfigures after ``fork()`` replaces all inherited
+  state in one assignment.
+* Level filtering is an integer comparison in each method against that live threshold, made
+  before any event dict is built, so a filtered ``debug`` call costs almost nothing.
+* An event's fields, by precedence: the call's own keywords, then the logger's
+  :meth:`BoundLogger.bind` fields, then the process-wide context. Per-request context only
+  fills in names none of those set, so request-scoped code cannot relabel a worker's
+  ``worker_id`` or ``generation``. The order of the fields is process-wide context first,
+  then the logger's, then the call's, then the per-request ones: the JSON and journal views
+  both keep it.
 * Process-wide context (a worker binds ``worker_id``, ``pid``, ``generation`` once after fork)
   lives in a plain dict rather than a contextvar: an asyncio task copies the context when it
   is created, so a contextvar bound later would be missing from tasks that already exist.
-  ``structlog.contextvars`` still works for per-request context.
+  That copying is exactly what per-request context wants, so :func:`bound_contextvars` and
+  friends keep theirs in one :class:`contextvars.ContextVar` holding a mapping that is
+  replaced on every change, never mutated: a task keeps the values it started with, and a
+  bind in one task never shows up in another.
 * The stdlib root logger (uvicorn logs through ``logging``) is bridged by a small
-  ``logging.Handler`` that feeds each record into the same chain, as event ``record.name``
-  (``uvicorn.error``, ``uvicorn.access``) with the formatted text in ``message``. structlog's
-  ``ProcessorFormatter`` was the other option; it produces a string, and the journal output
+  ``logging.Handler`` that feeds each record into the same path, as event ``record.name``
+  (``uvicorn.error``, ``uvicorn.access``) with the formatted text in ``message``. A
+  ``logging.Formatter`` was the other option; it produces a string, and the journal output
   needs the fields, not a string.
+* :func:`capture_logs` diverts events into lists for tests, after the level check and with
+  every context merged, so a test sees exactly the fields an output would have written.
 * Logging never raises into the caller: a failed journal send becomes a JSON line on the
   stream, a failed write is dropped, an unrenderable value is rendered with ``repr``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, TextIO
-
-import structlog
-from structlog.contextvars import merge_contextvars
-from structlog.dev import ConsoleRenderer, plain_traceback
-from structlog.typing import EventDict, WrappedLogger
 
 from appliance.journal import JournalSender, field_name, stderr_is_journal
 
@@ -59,14 +71,22 @@ __all__ = [
     "FORMATS",
     "LEVELS",
     "SYSLOG_IDENTIFIER",
+    "BoundLogger",
     "bind_context",
+    "bind_contextvars",
+    "bound_contextvars",
+    "capture_logs",
     "clear_context",
+    "clear_contextvars",
     "configure_logging",
     "format_ts",
     "get_logger",
     "journal_fields",
     "reset_logging",
+    "stdlib_event",
+    "syslog_identifier",
     "unbind_context",
+    "unbind_contextvars",
 ]
 
 LEVELS: Mapping[str, int] = {
@@ -120,8 +140,19 @@ def _format_exception(info: _ExcInfo) -> str:
     return "".join(traceback.format_exception(*info)).rstrip("\n")
 
 
+def _safe_str(value: object) -> str:
+    """``str()``, else ``repr()``: a value whose ``__str__`` raises must not cost the event."""
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001  # the value's bug, not the caller's
+        try:
+            return repr(value)
+        except Exception:  # noqa: BLE001
+            return f"<unprintable {type(value).__qualname__}>"
+
+
 def _json_default(value: object) -> object:
-    return str(value)
+    return _safe_str(value)
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -164,32 +195,48 @@ def _logfmt_value(value: object) -> str:
         return "true" if value else "false"
     if value is None:
         return "null"
-    text = value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else _safe_str(value)
     if not text or any(c in text for c in ' "=\n\t\\') or not text.isprintable():
         return json.dumps(text, ensure_ascii=False)
     return text
 
 
-def _human_line(event_dict: Mapping[str, Any]) -> str:
-    """``worker.exited worker_id=2 pid=123 exit_code=3 reason="boot failed"``.
-
-    A ``message`` field (stdlib records carry one) is shown as ``event: message``, so
-    ``journalctl``'s default view reads like the text uvicorn wrote.
-    """
+def _head(event_dict: Mapping[str, Any]) -> str:
+    """The event name, or ``event: message`` for an event with a text ``message`` (stdlib
+    records carry one), so a uvicorn line reads like the text uvicorn wrote."""
     head = str(event_dict.get("event", ""))
     message = event_dict.get("message")
     if isinstance(message, str):
         head = f"{head}: {message}"
-    parts = [head]
-    parts.extend(
-        f"{key}={_logfmt_value(value)}"
+    return head
+
+
+def _tail(event_dict: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ``key=value`` pairs that follow :func:`_head`, in the event's order."""
+    return [
+        (key, _logfmt_value(value))
         for key, value in event_dict.items()
         if key not in ("event", "exc_info") and not (key == "message" and isinstance(value, str))
-    )
+    ]
+
+
+def _human_line(event_dict: Mapping[str, Any]) -> str:
+    """``worker.exited worker_id=2 pid=123 exit_code=3 reason="boot failed"``."""
+    parts = [_head(event_dict)]
+    parts.extend(f"{key}={value}" for key, value in _tail(event_dict))
     return " ".join(parts)
 
 
-def journal_fields(level: str, event_dict: Mapping[str, Any]) -> dict[str, object]:
+def syslog_identifier(env: Mapping[str, str]) -> str:
+    """``appliance``, or ``appliance@NAME`` for an instance (``APPLIANCE_INSTANCE=NAME``, which
+    ``appliance --instance NAME`` sets for itself and every process it starts)."""
+    instance = env.get("APPLIANCE_INSTANCE", "")
+    return f"{SYSLOG_IDENTIFIER}@{instance}" if instance else SYSLOG_IDENTIFIER
+
+
+def journal_fields(
+    level: str, event_dict: Mapping[str, Any], identifier: str = SYSLOG_IDENTIFIER
+) -> dict[str, object]:
     """The journal entry for one event (exposed for tests and the docs' examples)."""
     message = _human_line(event_dict)
     info = _exc_info(event_dict.get("exc_info"))
@@ -198,7 +245,7 @@ def journal_fields(level: str, event_dict: Mapping[str, Any]) -> dict[str, objec
     fields: dict[str, object] = {
         "MESSAGE": message,
         "PRIORITY": _PRIORITY[level],
-        "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
+        "SYSLOG_IDENTIFIER": identifier,
         "EVENT": event_dict.get("event", ""),
     }
     has_worker = "worker_id" in event_dict
@@ -216,41 +263,85 @@ def journal_fields(level: str, event_dict: Mapping[str, Any]) -> dict[str, objec
         elif isinstance(value, (dict, list, tuple)):
             fields[name] = json.dumps(value, default=_json_default, ensure_ascii=False)
         else:
-            fields[name] = str(value)
+            fields[name] = _safe_str(value)
     return fields
+
+
+# The console line: timestamp, [level], the event padded to a column, then key=value fields.
+_LEVEL_WIDTH = max(len(name) for name in _PRIORITY)  # "critical"
+_EVENT_WIDTH = 30  # most event names fit, so the fields of consecutive lines line up
+_RESET = "\x1b[0m"
+_DIM = "\x1b[2m"
+_BOLD = "\x1b[1m"
+_KEY_STYLE = "\x1b[36m"  # cyan
+_VALUE_STYLE = "\x1b[35m"  # magenta
+_LEVEL_STYLE = {
+    "debug": "\x1b[34m",  # blue
+    "info": "\x1b[32m",  # green
+    "warning": "\x1b[33m",  # yellow
+    "error": "\x1b[31m",  # red
+    "critical": "\x1b[1;31m",  # bold red
+}
+
+
+def _console_line(ts: str, level: str, event_dict: Mapping[str, Any], *, colors: bool) -> str:
+    """``2025-01-31T12:00:00.123Z [warning ] worker.hung    worker_id=2 last_heartbeat_s=12.5``.
+
+    Padding is measured on the plain text, so the columns line up with or without colours.
+    A traceback follows on the next lines, uncoloured, as Python prints it: it is the part
+    most likely to be pasted into a bug report.
+    """
+
+    def paint(text: str, style: str) -> str:
+        return f"{style}{text}{_RESET}" if colors else text
+
+    head = _head(event_dict)
+    tail = _tail(event_dict)
+    parts = [paint(ts, _DIM), "[" + paint(level.ljust(_LEVEL_WIDTH), _LEVEL_STYLE[level]) + "]"]
+    if tail:  # no trailing blanks on a line without fields
+        parts.append(paint(head, _BOLD) + " " * (_EVENT_WIDTH - len(head)))
+        parts.extend(
+            paint(key, _KEY_STYLE) + "=" + paint(value, _VALUE_STYLE) for key, value in tail
+        )
+    else:
+        parts.append(paint(head, _BOLD))
+    line = " ".join(parts)
+    info = _exc_info(event_dict.get("exc_info"))
+    if info is not None:
+        line += "\n" + _format_exception(info)
+    return line
 
 
 @dataclass(frozen=True, slots=True)
 class _JsonOutput:
     stream: TextIO | None  # None: whatever sys.stderr is at write time
 
-    def emit(self, level: str, event_dict: EventDict) -> None:
+    def emit(self, level: str, event_dict: Mapping[str, Any]) -> None:
         _write_line(self.stream, _json_line(level, event_dict))
 
 
 @dataclass(frozen=True, slots=True)
 class _ConsoleOutput:
     stream: TextIO
-    renderer: ConsoleRenderer
+    colors: bool
 
-    def emit(self, level: str, event_dict: EventDict) -> None:
-        record: dict[str, Any] = {"ts": format_ts(time.time_ns()), "level": level}
-        record.update(event_dict)
+    def emit(self, level: str, event_dict: Mapping[str, Any]) -> None:
         try:
-            line = self.renderer(None, level, record)
-        except Exception:  # noqa: BLE001  # never lose a line over a renderer quirk
+            line = _console_line(format_ts(time.time_ns()), level, event_dict, colors=self.colors)
+        except Exception:  # noqa: BLE001  # a value whose str() raises must not lose the line
             line = _json_line(level, event_dict)
-        _write_line(self.stream, str(line))
+        _write_line(self.stream, line)
 
 
 @dataclass(frozen=True, slots=True)
 class _JournalOutput:
     sender: JournalSender
     fallback: TextIO
+    identifier: str = SYSLOG_IDENTIFIER
 
-    def emit(self, level: str, event_dict: EventDict) -> None:
+    def emit(self, level: str, event_dict: Mapping[str, Any]) -> None:
         try:
-            sent = self.sender.send(journal_fields(level, event_dict))
+            sent = self.sender.send(journal_fields(level, event_dict, self.identifier))
         except Exception:  # noqa: BLE001  # a bad value must not lose the event
             sent = False
         if not sent:
@@ -273,89 +364,101 @@ class _Active:
 _DEFAULT = _Active(threshold=logging.INFO, output=_JsonOutput(stream=None), fmt="json")
 _active: _Active = _DEFAULT
 _process_context: dict[str, Any] = {}
+_NO_REQUEST_CONTEXT: Mapping[str, Any] = MappingProxyType({})
+_request_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "appliance.log.request_context", default=_NO_REQUEST_CONTEXT
+)
+_captures: list[list[dict[str, Any]]] = []
+"""Open :func:`capture_logs` blocks, innermost last; while one is open it gets every event."""
 
 
-# --- the structlog side ----------------------------------------------------------------------
+# --- loggers ---------------------------------------------------------------------------------
 
 
-def _merge_process_context(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
-    if not _process_context:
-        return event_dict
-    merged = dict(_process_context)
-    merged.update(event_dict)
-    return merged
+def _emit(level: str, binds: Mapping[str, Any], event: str, kw: Mapping[str, Any]) -> None:
+    """Build the event dict (precedence and order as in the module docstring) and hand it to
+    the output active *now*, or to the innermost capture."""
+    event_dict = dict(_process_context)
+    event_dict.update(binds)
+    event_dict.update(kw)
+    event_dict["event"] = event
+    for key, value in _request_context.get().items():
+        event_dict.setdefault(key, value)
+    if _captures:
+        event_dict["log_level"] = level
+        _captures[-1].append(event_dict)
+    else:
+        _active.output.emit(level, event_dict)
 
 
-def _finalize(_logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Any:
-    """Last processor: hand the event to the sink together with the output active *now*."""
-    level = method_name if method_name in _PRIORITY else "info"
-    return (_active.output, level, event_dict), {}
+class BoundLogger:
+    """A logger carrying fields of its own; each level method reads the live threshold.
 
+    Immutable: :meth:`bind` and :meth:`unbind` return a new logger, so a logger handed to
+    other code cannot grow fields behind its owner's back.
+    """
 
-class _Sink:
-    """The wrapped logger structlog calls; every level method just emits."""
+    __slots__ = ("_binds",)
 
-    __slots__ = ()
+    def __init__(self, binds: Mapping[str, Any]) -> None:
+        self._binds: Mapping[str, Any] = MappingProxyType(dict(binds))
 
-    @staticmethod
-    def _emit(output: _Output, level: str, event_dict: EventDict) -> None:
-        output.emit(level, event_dict)
+    def __repr__(self) -> str:
+        return f"<BoundLogger {dict(self._binds)!r}>"
 
-    debug = info = warning = error = critical = msg = _emit
+    def bind(self, **kv: Any) -> BoundLogger:
+        """A logger with these fields added to (or replacing) this one's."""
+        return BoundLogger({**self._binds, **kv})
 
-
-_SINK = _Sink()
-_PROCESSORS: list[Any] = [_merge_process_context, merge_contextvars, _finalize]
-"""The one chain every appliance logger holds. Its list identity never changes, which is what
-structlog.testing.capture_logs() relies on when it swaps the contents for a capture."""
-
-
-class _Logger(structlog.BoundLoggerBase):
-    """A bound logger whose level check reads the live threshold on every call."""
+    def unbind(self, *keys: str) -> BoundLogger:
+        """A logger without these fields (missing keys are ignored)."""
+        return BoundLogger({key: value for key, value in self._binds.items() if key not in keys})
 
     def debug(self, event: str, **kw: Any) -> None:
         if _active.threshold <= logging.DEBUG:
-            self._proxy_to_logger("debug", event, **kw)
+            _emit("debug", self._binds, event, kw)
 
     def info(self, event: str, **kw: Any) -> None:
         if _active.threshold <= logging.INFO:
-            self._proxy_to_logger("info", event, **kw)
+            _emit("info", self._binds, event, kw)
 
     def warning(self, event: str, **kw: Any) -> None:
         if _active.threshold <= logging.WARNING:
-            self._proxy_to_logger("warning", event, **kw)
+            _emit("warning", self._binds, event, kw)
 
     warn = warning
 
     def error(self, event: str, **kw: Any) -> None:
         if _active.threshold <= logging.ERROR:
-            self._proxy_to_logger("error", event, **kw)
+            _emit("error", self._binds, event, kw)
 
     def exception(self, event: str, **kw: Any) -> None:
         """Log at error level with the exception being handled."""
         kw.setdefault("exc_info", True)
         if _active.threshold <= logging.ERROR:
-            self._proxy_to_logger("error", event, **kw)
+            _emit("error", self._binds, event, kw)
 
     def critical(self, event: str, **kw: Any) -> None:
         if _active.threshold <= logging.CRITICAL:
-            self._proxy_to_logger("critical", event, **kw)
+            _emit("critical", self._binds, event, kw)
 
     fatal = critical
 
     def log(self, level: int, event: str, **kw: Any) -> None:
         """Log at a stdlib numeric level (``logging.INFO``...)."""
         if level >= _active.threshold:
-            self._proxy_to_logger(_level_name(level), event, **kw)
+            _emit(_level_name(level), self._binds, event, kw)
 
 
-def get_logger(**initial_binds: Any) -> _Logger:
-    """A bound logger on appliance's chain, e.g. ``get_logger(component="control")``.
+def get_logger(**initial_binds: Any) -> BoundLogger:
+    """A logger for appliance's own events, e.g. ``get_logger(component="control")``.
 
-    Independent of structlog's global configuration, so an application that configures
-    structlog for itself inside a worker does not reroute appliance's own events.
+    Cheap (no registry, nothing cached), so ``get_logger().info(...)`` at the call site is fine.
     """
-    return _Logger(_SINK, processors=_PROCESSORS, context=dict(initial_binds))
+    return BoundLogger(initial_binds)
+
+
+# --- context ---------------------------------------------------------------------------------
 
 
 def bind_context(**kv: Any) -> None:
@@ -374,11 +477,111 @@ def clear_context() -> None:
     _process_context.clear()
 
 
+def bind_contextvars(**kv: Any) -> None:
+    """Add per-request fields to the current context (this task or thread, and whatever it
+    starts from now on)."""
+    _request_context.set({**_request_context.get(), **kv})
+
+
+def unbind_contextvars(*keys: str) -> None:
+    """Remove per-request fields from the current context (missing keys are ignored)."""
+    current = _request_context.get()
+    if any(key in current for key in keys):
+        _request_context.set({key: value for key, value in current.items() if key not in keys})
+
+
+def clear_contextvars() -> None:
+    """Drop all per-request fields of the current context."""
+    _request_context.set(_NO_REQUEST_CONTEXT)
+
+
+@contextmanager
+def bound_contextvars(**kv: Any) -> Iterator[None]:
+    """Per-request fields for the duration of a ``with`` block::
+
+        with log.bound_contextvars(request_id=rid):
+            ...
+
+    On exit these keys get back the values they had before (or go away); other keys bound
+    inside the block stay. That is a key-by-key restore rather than ``ContextVar.reset``,
+    which would also undo those other binds, and which raises when the block's end runs in a
+    different context than its start (a generator resumed elsewhere).
+    """
+    before = _request_context.get()
+    saved = {key: before[key] for key in kv if key in before}
+    bind_contextvars(**kv)
+    try:
+        yield
+    finally:
+        restored = {key: value for key, value in _request_context.get().items() if key not in kv}
+        restored.update(saved)
+        _request_context.set(restored)
+
+
+@contextmanager
+def capture_logs() -> Iterator[list[dict[str, Any]]]:
+    """Collect this process's events instead of writing them, for tests::
+
+        with capture_logs() as captured:
+            acceptor._on_readable()
+        assert captured[0]["event"] == "worker.accept_failed"
+
+    Each event is a dict: the event's fields with all context merged, ``event``, and
+    ``log_level`` (``debug`` ... ``critical``; ``exception()`` gives ``error``). ``exc_info``
+    stays as it was passed (``True`` from ``exception()``). Events below the configured level
+    are not captured, as they would not have been written. Captures nest; the innermost one
+    gets the events. Process-wide, like the outputs, so events from other threads (and the
+    stdlib bridge) land in it too.
+    """
+    captured: list[dict[str, Any]] = []
+    _captures.append(captured)
+    try:
+        yield captured
+    finally:
+        for index in range(len(_captures) - 1, -1, -1):
+            if _captures[index] is captured:  # by identity: two empty lists compare equal
+                del _captures[index]
+                break
+
+
 # --- stdlib bridge ---------------------------------------------------------------------------
 
 
+# uvicorn calls its server logger "uvicorn.error" although it logs its whole life cycle there at
+# info. Its known lines get event names of their own, by message template (``record.msg``,
+# stable across uvicorn versions); the life-cycle lines repeat what appliance's own
+# worker.* events say, so they are debug. docs/events.md, "From the serving engine".
+_UVICORN_LINES: Mapping[str, tuple[str, int]] = MappingProxyType({
+    "Started server process [%d]": ("uvicorn.started", logging.DEBUG),
+    "Finished server process [%d]": ("uvicorn.finished", logging.DEBUG),
+    "Shutting down": ("uvicorn.shutting_down", logging.DEBUG),
+    "Waiting for application startup.": ("app.startup_begin", logging.DEBUG),
+    "Application startup complete.": ("app.startup_complete", logging.DEBUG),
+    "Waiting for application shutdown.": ("app.shutdown_begin", logging.DEBUG),
+    "Application shutdown complete.": ("app.shutdown_complete", logging.DEBUG),
+    "ASGI 'lifespan' protocol appears unsupported.": ("app.lifespan_unsupported", logging.INFO),
+    "Exception in ASGI application\n": ("app.exception", logging.ERROR),
+    "Exception in ASGI application": ("app.exception", logging.ERROR),
+})
+_STDLIB_EVENTS: Mapping[str, str] = MappingProxyType({
+    "uvicorn.error": "uvicorn.server",  # any other line of uvicorn's server logger
+    "uvicorn.access": "uvicorn.access",
+})
+
+
+def stdlib_event(record: logging.LogRecord) -> tuple[str, int]:
+    """The event name and level of a stdlib record: a known uvicorn line by its template, any
+    other record of uvicorn's server logger as ``uvicorn.server``, and every other logger
+    (uvicorn.access, asyncio, the application's) under its own name, at its own level."""
+    if record.name == "uvicorn.error" and isinstance(record.msg, str):
+        known = _UVICORN_LINES.get(record.msg)
+        if known is not None:
+            return known
+    return _STDLIB_EVENTS.get(record.name, record.name), record.levelno
+
+
 class _StdlibBridge(logging.Handler):
-    """Feeds stdlib records (uvicorn, asyncio, warnings) into the structlog chain."""
+    """Feeds stdlib records (uvicorn, asyncio, warnings) into appliance's loggers."""
 
     def __init__(self) -> None:
         super().__init__(logging.NOTSET)
@@ -389,7 +592,8 @@ class _StdlibBridge(logging.Handler):
             fields: dict[str, Any] = {"message": record.getMessage()}
             if record.exc_info and record.exc_info[0] is not None:
                 fields["exc_info"] = record.exc_info
-            self._log.log(record.levelno, record.name, **fields)
+            event, level = stdlib_event(record)
+            self._log.log(level, event, **fields)
         except Exception:  # noqa: BLE001  # the stdlib convention for handlers
             self.handleError(record)
 
@@ -402,18 +606,6 @@ def _install_stdlib_bridge(threshold: int | None) -> None:
     if threshold is not None:
         root.addHandler(_StdlibBridge())
         root.setLevel(threshold)
-
-
-def _install_structlog() -> None:
-    """Point structlog's global configuration at our chain too, so ``structlog.get_logger()``
-    elsewhere in the process (and ``structlog.testing.capture_logs``) shares it."""
-    structlog.configure(
-        processors=_PROCESSORS,
-        wrapper_class=_Logger,
-        logger_factory=lambda *_args: _SINK,
-        context_class=dict,
-        cache_logger_on_first_use=True,
-    )
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -473,15 +665,10 @@ def configure_logging(
         sender = journal
         if sender is None:
             sender = owned = JournalSender()
-        output = _JournalOutput(sender=sender, fallback=out)
+        identifier = syslog_identifier(os.environ if env is None else env)
+        output = _JournalOutput(sender=sender, fallback=out, identifier=identifier)
     elif chosen == "console":
-        renderer = ConsoleRenderer(
-            colors=_isatty(out),
-            exception_formatter=plain_traceback,
-            timestamp_key="ts",
-            sort_keys=False,
-        )
-        output = _ConsoleOutput(stream=out, renderer=renderer)
+        output = _ConsoleOutput(stream=out, colors=_isatty(out))
     else:
         output = _JsonOutput(stream=out)
 
@@ -491,13 +678,13 @@ def configure_logging(
         previous.owned_journal.close()
     _install_stdlib_bridge(LEVELS[key])
     logging.captureWarnings(True)
-    _install_structlog()
     return chosen
 
 
 def reset_logging() -> None:
     """Back to the import-time defaults (JSON on stderr at info, no stdlib bridge, no bound
-    context). For tests, and for code that hands the process's logging to someone else."""
+    context: process-wide, and per-request in the calling context). For tests, and for code
+    that hands the process's logging to someone else."""
     global _active
     previous, _active = _active, _DEFAULT
     if previous.owned_journal is not None:
@@ -505,6 +692,4 @@ def reset_logging() -> None:
     _install_stdlib_bridge(None)
     logging.captureWarnings(False)
     _process_context.clear()
-
-
-_install_structlog()
+    _request_context.set(_NO_REQUEST_CONTEXT)

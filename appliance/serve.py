@@ -2,8 +2,9 @@
 
 Order matters and every step can refuse with one clear line, before anything is forked:
 load and validate the config, set up logging, size the pool, adopt systemd's sockets by name
-(or bind our own), import the serving engine (and the app, with ``app.preload``; otherwise
-only check that its module can be found), open the control socket, then hand over to
+(or bind our own), check the app's environment (its virtualenv and paths, see
+:mod:`appliance.appenv`), import the serving engine (never the app: that happens in each
+generation's template process), open the control socket, then hand over to
 :class:`appliance.master.runtime.Master`.
 """
 
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance import __version__, log, systemd
+from appliance.appenv import AppEnvError, AppEnvironment, check_findable
+from appliance.appenv import resolve as resolve_app_environment
 from appliance.config.load import ConfigError, load_config
 from appliance.config.schema import Settings, resolve_control_path
-from appliance.importer import AppImportError, check_importable, import_app
 from appliance.master import policy
 from appliance.master.events import Generation
 from appliance.master.plan import decide_reload, generation_for
@@ -57,6 +59,18 @@ def engine_settings(generation: Generation) -> EngineSettings:
         graceful_timeout_s=s.workers.graceful_timeout_s,
         heartbeat_interval_s=s.workers.heartbeat_interval_s,
         accept=s.http.accept,
+        max_request_line_bytes=s.http.max_request_line_bytes,
+        max_header_fields=s.http.max_header_fields,
+        max_header_field_bytes=s.http.max_header_field_bytes,
+        request_head_timeout_s=s.http.request_head_timeout_s,
+        request_body_timeout_s=s.http.request_body_timeout_s,
+        websocket=s.websocket.enabled,
+        websocket_max_message_bytes=s.websocket.max_message_bytes,
+        websocket_ping_interval_s=s.websocket.ping_interval_s,
+        websocket_ping_timeout_s=s.websocket.ping_timeout_s,
+        websocket_per_message_deflate=s.websocket.per_message_deflate,
+        wsgi_threads=s.wsgi.threads,
+        heartbeat_timeout_s=s.workers.heartbeat_timeout_s,
     )
 
 
@@ -80,6 +94,11 @@ def open_listeners(settings: Settings, env: dict[str, str], pid: int) -> list[Li
         close_listeners(listeners)
         raise StartupError(f"appliance: {exc}") from None
     return listeners
+
+
+def _app_environment(generation: Generation) -> AppEnvironment:
+    """Checked again when a generation's template is forked: the disk may have changed."""
+    return resolve_app_environment(generation.settings.app)
 
 
 def _pool_target(settings: Settings) -> tuple[int, str]:
@@ -121,17 +140,13 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
     except systemd.SystemdEnvError as exc:
         raise StartupError(f"appliance: systemd environment: {exc}") from None
 
+    try:
+        check_findable(resolve_app_environment(settings.app), settings.app.target)
+    except AppEnvError as exc:
+        raise StartupError(f"appliance: {exc}") from None
     from appliance.engines import preload_engine
 
     preload_engine()
-    app = None
-    try:
-        if settings.app.preload:
-            app = import_app(settings.app.target, settings.app.directory)
-        else:
-            check_importable(settings.app.target, settings.app.directory)
-    except AppImportError as exc:
-        raise StartupError(f"appliance: {exc}") from None
 
     listeners = open_listeners(settings, dict(env), pid)
     # Workers must not see systemd's per-service variables (they would try to use them).
@@ -160,6 +175,10 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
             new = load_config(path, explicit=explicit)
         except ConfigError as exc:
             return "; ".join(str(p) for p in exc.problems)
+        try:
+            check_findable(resolve_app_environment(new.settings.app), new.settings.app.target)
+        except AppEnvError as exc:
+            return str(exc)
         new_target, new_reason = _pool_target(new.settings)
         verdict = decide_reload(running_state.current, running_state.target, new, new_target)
         if isinstance(verdict, str):
@@ -171,12 +190,6 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
             workers=new_target,
             sizing=new_reason,
         )
-        if new.settings.app.preload and not verdict.live_only:
-            logger.warning(
-                "reload.preload_note",
-                message="app.preload is on: new workers run the app code the master imported "
-                "at start; restart the service to load new application code",
-            )
         return verdict.generation, verdict.live_only
 
     generation = generation_for(loaded, target)
@@ -186,7 +199,7 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
         notifier=notifier,
         reload_config=reload_config,
         engine_settings=engine_settings,
-        preloaded_app=app,
+        app_environment=_app_environment,
         control=control,
         signals=signals,
         on_exit=[lambda: close_listeners(listeners), control.close],

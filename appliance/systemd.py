@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import sdnotify  # type: ignore[import-untyped]  # ships no stubs or py.typed
 
+from appliance._systemd_env import SystemdEnvError
+
 __all__ = [
     "CHILD_ENV_VARS",
     "DEFAULT_FD_NAME",
@@ -56,10 +58,6 @@ CHILD_ENV_VARS: tuple[str, ...] = (
 """Variables addressed to the master alone. Workers must not see them: a worker that found
 NOTIFY_SOCKET could send READY=1 on the master's behalf (NotifyAccess=main would drop it, but
 only after a confusing log line), and LISTEN_PID no longer matches after fork anyway."""
-
-
-class SystemdEnvError(ValueError):
-    """A systemd variable is present but cannot be understood, or disagrees with the config."""
 
 
 def _parse_int(env: Mapping[str, str], key: str, *, minimum: int) -> int:

@@ -72,6 +72,8 @@ __all__ = [
     "TcpAddress",
     "UnixAddress",
     "WatchdogSettings",
+    "WebSocketSettings",
+    "WsgiSettings",
     "WorkerSettings",
     "diff_settings",
     "iter_settings",
@@ -83,14 +85,6 @@ __all__ = [
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _FDNAME_RE = re.compile(r"^[ -9;-~]{1,255}$")  # printable ASCII except ':' (systemd fdname rule)
 _MODE_RE = re.compile(r"^0?[0-7]{3}$")
-
-#: The condition on the settings that say which application to import, and how.
-_UNDER_PRELOAD = RestartWhile(
-    "app.preload",
-    why="the application lives in the master's memory and every new worker is a fork of it, "
-    "so a new worker cannot import a different application, or the same one from elsewhere",
-)
-
 
 def _fail(kind: str, message: str) -> PydanticCustomError:
     # PydanticCustomError, so the message reaches the operator without "Value error, ".
@@ -105,8 +99,15 @@ def _section_config(title: str) -> ConfigDict:
 # Sections
 
 
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Variables the app may not set through ``app.env``: they would redirect appliance itself.
+_RESERVED_ENV = frozenset(
+    {"PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONSAFEPATH", "VIRTUAL_ENV"}
+)
+
+
 class AppSettings(BaseModel):
-    """``[app]``: what the workers serve."""
+    """``[app]``: what the workers serve, and the environment it is imported in."""
 
     model_config = _section_config("[app]")
 
@@ -115,26 +116,26 @@ class AppSettings(BaseModel):
         Field(
             strict=True,
             description="The application to serve, as MODULE:ATTRIBUTE (imported in each "
-            "worker, or once in the master when `preload` is true).",
+            "worker, or once per generation in its template process when `preload` is true).",
         ),
         Constraint("MODULE:ATTRIBUTE"),
         Reload.ROLLING,
-        _UNDER_PRELOAD,
     ] = "appliance.apps.hello:app"
     interface: Annotated[
         Literal["asgi", "wsgi"],
         Field(description="Calling convention of the application object."),
         Reload.ROLLING,
-        _UNDER_PRELOAD,
     ] = "asgi"
     preload: Annotated[
         bool,
         Field(
             strict=True,
-            description="Import the application in the master before forking, so workers share "
-            "its memory copy-on-write; code changes then need a restart of the master to load.",
+            description="Import the application once per generation, in the generation's "
+            "template process, before its workers are forked from it: workers share its memory "
+            "copy-on-write and boot in milliseconds. A reload starts a new template, so new "
+            "code is picked up without a restart; an import error aborts the reload.",
         ),
-        Reload.RESTART,
+        Reload.ROLLING,
     ] = False
     directory: Annotated[
         str | None,
@@ -146,8 +147,40 @@ class AppSettings(BaseModel):
             examples=["/srv/myapp"],
         ),
         Reload.ROLLING,
-        _UNDER_PRELOAD,
     ] = None
+    virtualenv: Annotated[
+        str | None,
+        Field(
+            strict=True,
+            min_length=1,
+            description="The application's virtualenv: its packages are imported before "
+            "appliance's own, so the app gets the versions it installed (only the serving "
+            "engine, uvicorn, uvloop, httptools and a2wsgi, is appliance's). It must be made "
+            "with the Python appliance runs on (same major.minor).",
+            examples=["/srv/myapp/.venv"],
+        ),
+        Constraint("absolute path"),
+        Reload.ROLLING,
+    ] = None
+    python_path: Annotated[
+        list[str],
+        Field(
+            description="Extra directories for `sys.path`, in this order, before the "
+            "virtualenv's packages (after `directory`).",
+            examples=[["/srv/myapp/src"]],
+        ),
+        Constraint("absolute paths"),
+        Reload.ROLLING,
+    ] = []
+    env: Annotated[
+        dict[str, str],
+        Field(
+            description="Environment variables set for the application (its template process "
+            "and workers), e.g. `DJANGO_SETTINGS_MODULE`. Values are strings.",
+            examples=[{"DJANGO_SETTINGS_MODULE": "mysite.settings"}],
+        ),
+        Reload.ROLLING,
+    ] = {}
     lifespan: Annotated[
         Literal["auto", "on", "off"],
         Field(
@@ -162,6 +195,47 @@ class AppSettings(BaseModel):
     def _target_form(cls, value: str) -> str:
         if not _TARGET_RE.match(value):
             raise _fail("app_target", 'expected MODULE:ATTRIBUTE, for example "myapp.web:app"')
+        return value
+
+    @field_validator("virtualenv")
+    @classmethod
+    def _venv_form(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise _fail("absolute_path", "must be an absolute path")
+        return value
+
+    @field_validator("python_path", mode="before")
+    @classmethod
+    def _paths_form(cls, value: object) -> object:
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if not isinstance(item, str) or not item.startswith("/"):
+                    raise PydanticCustomError(
+                        "absolute_path",
+                        f"python_path[{index}] must be an absolute path (a string)",
+                    )
+        return value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_form(cls, value: object) -> object:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                if not isinstance(item, str):
+                    raise PydanticCustomError(
+                        "env_value",
+                        f"env.{name} must be a string (got {type(item).__name__}); "
+                        "quote numbers and booleans",
+                    )
+                if not _ENV_NAME_RE.match(str(name)):
+                    raise PydanticCustomError(
+                        "env_name", f"{name!r} is not a valid environment variable name"
+                    )
+                if name in _RESERVED_ENV:
+                    raise PydanticCustomError(
+                        "env_name",
+                        f"{name} cannot be set here; use app.virtualenv and app.python_path",
+                    )
         return value
 
 
@@ -511,7 +585,8 @@ class HttpSettings(BaseModel):
             allow_inf_nan=False,
             gt=0,
             le=3600,
-            description="Seconds an idle keep-alive connection is kept open.",
+            description="Seconds a connection without a request in progress (new, or "
+            "between keep-alive requests) is kept open.",
         ),
         Reload.ROLLING,
     ] = 5.0
@@ -560,6 +635,144 @@ class HttpSettings(BaseModel):
         ),
         Reload.ROLLING,
     ] = "balanced"
+    max_request_line_bytes: Annotated[
+        int,
+        Field(
+            strict=True,
+            ge=64,
+            le=1048576,
+            description="Longest request line (method, target and version, without the "
+            "CRLF); a longer one is answered 414 and the connection closed.",
+        ),
+        Reload.ROLLING,
+    ] = 4094
+    max_header_fields: Annotated[
+        int,
+        Field(
+            strict=True,
+            ge=1,
+            le=32768,
+            description="Most header fields in a request head; more are answered 431 and the "
+            "connection closed.",
+        ),
+        Reload.ROLLING,
+    ] = 100
+    max_header_field_bytes: Annotated[
+        int,
+        Field(
+            strict=True,
+            ge=64,
+            le=1048576,
+            description="Largest header field (`Name: value`); a larger one is answered 431 "
+            "and the connection closed. A head may never take more memory than these three "
+            "limits allow together, however slowly or quickly it arrives.",
+        ),
+        Reload.ROLLING,
+    ] = 8190
+    request_head_timeout_s: Annotated[
+        float,
+        Field(
+            strict=True,
+            allow_inf_nan=False,
+            gt=0,
+            le=3600,
+            description="Seconds from the first byte of a request head to its end; a head "
+            "still incomplete then is answered 408 and the connection closed.",
+        ),
+        Reload.ROLLING,
+    ] = 10.0
+    request_body_timeout_s: Annotated[
+        float,
+        Field(
+            strict=True,
+            allow_inf_nan=False,
+            gt=0,
+            le=3600,
+            description="Seconds a request body may stall (no byte received while the app "
+            "waits for more); then the app's receive() reports a disconnect, the client gets "
+            "408 if no response started, and the connection is closed.",
+        ),
+        Reload.ROLLING,
+    ] = 30.0
+
+
+class WebSocketSettings(BaseModel):
+    """``[websocket]``: WebSocket connections of ASGI apps (uvicorn's websockets protocol)."""
+
+    model_config = _section_config("[websocket]")
+
+    enabled: Annotated[
+        bool,
+        Field(
+            strict=True,
+            description="Accept WebSocket upgrades for ASGI apps; when false, an upgrade "
+            "request reaches the app as plain HTTP. WSGI apps never get WebSockets.",
+        ),
+        Reload.ROLLING,
+    ] = True
+    max_message_bytes: Annotated[
+        int,
+        Field(
+            strict=True,
+            ge=1024,
+            le=1 << 30,
+            description="Largest incoming message; a larger one closes the connection with "
+            "1009 (message too big).",
+        ),
+        Reload.ROLLING,
+    ] = 16 * 1024 * 1024
+    ping_interval_s: Annotated[
+        float,
+        Field(
+            strict=True,
+            allow_inf_nan=False,
+            ge=0,
+            le=3600,
+            description="Seconds between pings the server sends on an idle connection; 0 sends "
+            "none.",
+        ),
+        Reload.ROLLING,
+    ] = 20.0
+    ping_timeout_s: Annotated[
+        float,
+        Field(
+            strict=True,
+            allow_inf_nan=False,
+            gt=0,
+            le=3600,
+            description="Seconds to wait for the pong; without it the connection is closed "
+            "with 1011. Only applies while `ping_interval_s` is not 0.",
+        ),
+        Reload.ROLLING,
+    ] = 20.0
+    per_message_deflate: Annotated[
+        bool,
+        Field(
+            strict=True,
+            description="Offer the permessage-deflate extension (compression, RFC 7692) to "
+            "clients that ask for it.",
+        ),
+        Reload.ROLLING,
+    ] = True
+
+
+class WsgiSettings(BaseModel):
+    """``[wsgi]``: how a WSGI app (``app.interface = "wsgi"``) is run in each worker."""
+
+    model_config = _section_config("[wsgi]")
+
+    threads: Annotated[
+        int,
+        Field(
+            strict=True,
+            ge=1,
+            le=1024,
+            description="Threads per worker that run the WSGI app: the requests one worker "
+            "serves at the same time. When all of them are stuck in the app for longer than "
+            "`workers.heartbeat_timeout_s`, the worker stops heartbeating and is replaced.",
+        ),
+        Reload.ROLLING,
+    ] = 10
 
 
 class WatchdogSettings(BaseModel):
@@ -644,6 +857,10 @@ class Settings(BaseModel):
         "127.0.0.1:8000. Entries in a later file replace the whole list.",
     )
     http: HttpSettings = Field(default_factory=HttpSettings, description="[http]")
+    websocket: WebSocketSettings = Field(
+        default_factory=WebSocketSettings, description="[websocket]"
+    )
+    wsgi: WsgiSettings = Field(default_factory=WsgiSettings, description="[wsgi]")
     watchdog: WatchdogSettings = Field(default_factory=WatchdogSettings, description="[watchdog]")
     control: ControlSettings = Field(default_factory=ControlSettings, description="[control]")
     log: LogSettings = Field(default_factory=LogSettings, description="[log]")
@@ -675,15 +892,20 @@ def resolve_control_path(settings: Settings, env: Mapping[str, str], uid: int) -
     config, the environment and the uid. Under systemd ``RuntimeDirectory=appliance`` sets
     ``RUNTIME_DIRECTORY`` (a colon-separated list when several are configured; the first is
     ours). A developer without it gets a per-user directory, never a shared world-writable one.
+    An instance (``APPLIANCE_INSTANCE=NAME``, set by ``appliance --instance NAME``) has its own:
+    ``RuntimeDirectory=appliance-NAME`` in ``appliance@.service``, and ``appliance-NAME`` in
+    place of ``appliance`` in the other defaults.
     """
     if settings.control.path is not None:
         return settings.control.path
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
         return str(PurePosixPath(runtime, "control.sock"))
+    instance = env.get("APPLIANCE_INSTANCE", "")
+    name = f"appliance-{instance}" if instance else "appliance"
     if uid == 0:
-        return "/run/appliance/control.sock"
+        return f"/run/{name}/control.sock"
     xdg = env.get("XDG_RUNTIME_DIR", "")
     if xdg:
-        return str(PurePosixPath(xdg, "appliance", "control.sock"))
-    return f"/tmp/appliance-{uid}/control.sock"
+        return str(PurePosixPath(xdg, name, "control.sock"))
+    return f"/tmp/appliance-{uid}/{instance}/control.sock" if instance else f"/tmp/appliance-{uid}/control.sock"

@@ -32,11 +32,19 @@ __all__ = [
     "locate_control",
     "read_control_path",
     "scan_control_path",
+    "system_socket",
 ]
 
 ENV_VAR: Final = "APPLIANCE_CONTROL"
 SYSTEM_SOCKET: Final = "/run/appliance/control.sock"
 """The packaged service's socket (``RuntimeDirectory=appliance``)."""
+
+
+def system_socket(env: Mapping[str, str]) -> str:
+    """The packaged service's socket, or instance ``$APPLIANCE_INSTANCE``'s
+    (``RuntimeDirectory=appliance-NAME`` in ``appliance@.service``)."""
+    instance = env.get("APPLIANCE_INSTANCE", "")
+    return f"/run/appliance-{instance}/control.sock" if instance else SYSTEM_SOCKET
 MAX_CONFIG_BYTES: Final = MAX_FILE_BYTES  # the master reads no more of a file either
 """A config file larger than this is not read here (a real one is a few KiB)."""
 _MAX_DROPINS: Final = 256

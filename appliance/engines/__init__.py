@@ -16,7 +16,8 @@ def preload_engine() -> None:
     import uvicorn.config
     import uvicorn.lifespan.on
     import uvicorn.protocols.http.httptools_impl
+    import uvicorn.protocols.websockets.websockets_sansio_impl
     import uvicorn.server  # noqa: F401
     import uvloop  # noqa: F401
 
-    from appliance.engines import asgi  # noqa: F401
+    from appliance.engines import asgi, h1  # noqa: F401

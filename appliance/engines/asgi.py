@@ -11,7 +11,12 @@ We use uvicorn's HTTP protocol and lifespan handling but not its process managem
 * an idle keep-alive connection is *not* closed under a client that may have just sent a
   request on it: its next request is answered with ``Connection: close``; connections that stay
   idle end at the keep-alive timeout;
+* a connection with half a request head is closed at once (see :mod:`appliance.http.rules`);
+* WebSockets get a closing handshake with 1012 (this worker is replaced: SIGUSR2 from the
+  master) or 1001 (the server stops: SIGTERM, or the master died);
 * exit when no connection is left, or at ``graceful_timeout_s``.
+
+The HTTP and WebSocket protocols themselves are in :mod:`appliance.engines.h1`.
 """
 
 from __future__ import annotations
@@ -21,17 +26,19 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
 import uvloop
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
 
 from appliance.engines import balance
 from appliance.engines.balance import LoadBoard
+from appliance.engines.h1 import HttpProtocol, ServingState, WebSocketProtocol
+from appliance.engines.wsgi import WsgiApp
+from appliance.http.rules import HeadLimits
 from appliance.worker import protocol
 
 __all__ = ["EngineSettings", "serve"]
@@ -51,29 +58,27 @@ class EngineSettings:
     graceful_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
     accept: str = "balanced"
+    max_request_line_bytes: int = 4094
+    max_header_fields: int = 100
+    max_header_field_bytes: int = 8190
+    request_head_timeout_s: float = 10.0
+    request_body_timeout_s: float = 30.0
+    websocket: bool = True
+    websocket_max_message_bytes: int = 16 * 1024 * 1024
+    #: 0 disables pings (and so the ping timeout).
+    websocket_ping_interval_s: float = 20.0
+    websocket_ping_timeout_s: float = 20.0
+    websocket_per_message_deflate: bool = True
+    wsgi_threads: int = 10
+    heartbeat_timeout_s: float = 30.0
 
-
-class _DrainingProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a drain that never closes under a sending client."""
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        if getattr(self.server_state, "draining", False) and self.cycle is not None:
-            self.cycle.keep_alive = False
-
-    def shutdown(self) -> None:
-        # Busy: finish, then close. Idle: wait for the next request (answered with
-        # "Connection: close") or the keep-alive timeout.
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False
-        for cycle, _app in self.pipeline:
-            cycle.keep_alive = False
-
-
-class _State(ServerState):
-    """uvicorn's shared server state, plus whether we are draining (read by the protocol)."""
-
-    draining = False
+    @property
+    def head_limits(self) -> HeadLimits:
+        return HeadLimits(
+            max_request_line_bytes=self.max_request_line_bytes,
+            max_header_fields=self.max_header_fields,
+            max_header_field_bytes=self.max_header_field_bytes,
+        )
 
 
 def _rss_mb() -> float:
@@ -87,11 +92,17 @@ def _rss_mb() -> float:
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, settings: EngineSettings, report_fd: int) -> None:
         super().__init__(config)
-        self._drain_state = _State()
+        self._drain_state = ServingState(
+            limits=settings.head_limits,
+            head_timeout_s=settings.request_head_timeout_s,
+            body_timeout_s=settings.request_body_timeout_s,
+        )
         self.server_state = self._drain_state
         self._settings = settings
         self._report_fd = report_fd
         self._next_beat = 0.0
+        #: The WSGI adapter, when the app is a WSGI app (its threads' health gates the beat).
+        self.wsgi: WsgiApp | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -106,6 +117,13 @@ class _Server(uvicorn.Server):
 
     def _beat(self) -> None:
         self._next_beat = asyncio.get_running_loop().time() + self._settings.heartbeat_interval_s
+        wsgi = self.wsgi
+        if wsgi is not None and (
+            wsgi.stuck_for(time.monotonic()) > self._settings.heartbeat_timeout_s
+        ):
+            # Every WSGI thread is stuck in the app: the worker serves nothing, though its
+            # loop runs. Stay silent so the master dumps our stacks and replaces us.
+            return
         state = self.server_state
         protocol.send(
             self._report_fd,
@@ -122,16 +140,19 @@ class _Server(uvicorn.Server):
             self._beat()
         return await super().on_tick(counter)
 
-    def begin_drain(self) -> None:
+    def begin_drain(self, *, stopping: bool) -> None:
         """Stop accepting and put every connection into drain mode, at once and only once.
 
-        Runs from the SIGTERM callback, not at uvicorn's next tick: the master counts a reload
+        Runs from the signal callback, not at uvicorn's next tick: the master counts a reload
         as done when every old worker said "draining", and from then on a request on one of
         our idle keep-alive connections must already be answered with ``Connection: close``.
+        ``stopping`` says whether the server stops (WebSockets close with 1001) or only this
+        worker is replaced (1012).
         """
         if self._drain_state.draining:
             return
         self._drain_state.draining = True
+        self._drain_state.stopping = stopping
         self.should_exit = True
         for listening in getattr(self, "servers", ()):
             listening.close()
@@ -141,7 +162,7 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self.begin_drain()
+        self.begin_drain(stopping=True)
         for listening in self.servers:  # also those made after a SIGTERM during startup
             listening.close()
         for sock in sockets or []:
@@ -161,11 +182,11 @@ class _Server(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
-def _asgi_app(app: Any, interface: str) -> Any:
-    if interface == "wsgi":
-        from a2wsgi import WSGIMiddleware
+def _asgi_app(app: Any, settings: EngineSettings) -> Any:
+    if settings.interface == "wsgi":
+        from appliance.engines.wsgi import WsgiApp
 
-        return WSGIMiddleware(app)
+        return WsgiApp(app, settings.wsgi_threads)
     return app
 
 
@@ -181,12 +202,17 @@ def serve(
     on_loop: Callable[[], None] | None = None,
 ) -> int:
     """Run the engine until SIGTERM (drain) or the master's death; return the exit code."""
+    served = _asgi_app(app, settings)
     config = uvicorn.Config(
-        _asgi_app(app, settings.interface),
+        served,
         interface="asgi3",
         loop="none",
-        http=_DrainingProtocol,
-        ws="none",
+        http=HttpProtocol,  # type: ignore[arg-type]
+        ws=WebSocketProtocol if settings.websocket and settings.interface == "asgi" else "none",  # type: ignore[arg-type]
+        ws_max_size=settings.websocket_max_message_bytes,
+        ws_ping_interval=settings.websocket_ping_interval_s or None,
+        ws_ping_timeout=settings.websocket_ping_timeout_s or None,
+        ws_per_message_deflate=settings.websocket_per_message_deflate,
         lifespan=settings.lifespan,
         log_config=None,
         access_log=settings.access_log,
@@ -197,17 +223,23 @@ def serve(
         server_header=False,
     )
     server = _Server(config, settings, report_fd)
+    if isinstance(served, WsgiApp):
+        server.wsgi = served
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
 
-        loop.add_signal_handler(signal.SIGTERM, server.begin_drain)
+        # SIGTERM: the server stops. SIGUSR2: this worker is replaced (reload, recycling,
+        # scaling down) while the service goes on. Both drain; they differ in the WebSocket
+        # close code (1001 or 1012).
+        loop.add_signal_handler(signal.SIGTERM, lambda: server.begin_drain(stopping=True))
+        loop.add_signal_handler(signal.SIGUSR2, lambda: server.begin_drain(stopping=False))
         if alive_fd is not None:
 
             def master_gone() -> None:
                 # EOF on the master's pipe: the master died; drain and go.
                 loop.remove_reader(alive_fd)
-                server.begin_drain()
+                server.begin_drain(stopping=True)
 
             loop.add_reader(alive_fd, master_gone)
         if on_loop is not None:

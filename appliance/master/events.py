@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Action",
     "ApplyLive",
+    "CancelSpawn",
     "ConfigRejected",
     "Event",
     "Exit",
@@ -187,6 +188,13 @@ class Spawn:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelSpawn:
+    """Give up on a worker whose fork was not reported yet (it timed out while booting)."""
+
+    key: int
+
+
+@dataclass(frozen=True, slots=True)
 class Kill:
     key: int
     pid: int
@@ -250,5 +258,14 @@ class Exit:
 
 
 Action = (
-    Spawn | Kill | Notify | Log | ApplyLive | ReloadProgress | ReloadOutcome | ScaleOutcome | Exit
+    Spawn
+    | CancelSpawn
+    | Kill
+    | Notify
+    | Log
+    | ApplyLive
+    | ReloadProgress
+    | ReloadOutcome
+    | ScaleOutcome
+    | Exit
 )

@@ -28,6 +28,7 @@ from appliance.master import rules, workers
 from appliance.master.events import (
     Action,
     ApplyLive,
+    CancelSpawn,
     ConfigRejected,
     Event,
     Exit,
@@ -208,6 +209,8 @@ class _Tx:
     ) -> None:
         if w.pid is not None:
             self.actions.append(Kill(w.key, w.pid, signal_name))
+        elif w.state is WState.SPAWNING and state is WState.KILLED:
+            self.actions.append(CancelSpawn(w.key))
         self.workers[w.key] = replace(
             w,
             state=state,
@@ -319,15 +322,25 @@ class _Tx:
         self._wlog("info", "worker.spawned", w)
 
     def on_spawn_failed(self, key: int, error: str) -> None:
+        """No worker came of a spawn: the fork failed, or the template could not boot (the
+        app's import failed there). A boot failure like any other, short of a process."""
         w = self.verdict(key, Report.SPAWN_FAILED)
         if w is None:
             return
         del self.workers[key]
-        if w.state is WState.KILLED:
-            return  # superseded anyway
+        if w.cause in EXPECTED_CAUSES:
+            return  # superseded or stopping anyway
+        error = rules.clamp_detail(error)
+        self.s = replace(self.s, last_boot_error=error)
+        run = self.s.reload
+        if run is not None and w.generation == run.generation and self.s.phase is Phase.RELOADING:
+            self._wlog("error", "worker.spawn_failed", w, error=error)
+            self.abort_reload(f"new worker {w.slot} of generation {w.generation}: {error}")
+            return
+        if self.s.phase is Phase.STOPPING:
+            return
         delay = self.record_failure(w)
         self._wlog("error", "worker.spawn_failed", w, error=error, respawn_in_s=delay)
-        self.s = replace(self.s, last_boot_error=rules.clamp_detail(error))
         self.maybe_give_up()
 
     def on_ready(self, key: int) -> None:

@@ -6,11 +6,14 @@ and the control socket. The timeout is the policy's next deadline, never a fixed
 input becomes an event for :func:`appliance.master.policy.step`; every decision comes back as
 an action executed here.
 
-Three orderings matter and are kept here: a fork's report goes to the front of the queue (a
-reload queued behind it must know the pid it supersedes); after each wait every ready input is
-read before a :class:`Tick` lets the policy judge deadlines (a stalled master finds heartbeats
-in the pipes, not missing); and time the master could not listen is reported to the policy
-as :class:`MasterStalled` before anything else of that wake-up. The wire formats are owned
+Workers are forked by each generation's template process (:mod:`appliance.worker.template`)
+and re-parented to the master, a child subreaper: the master still reaps and signals them
+itself. A fork is reported asynchronously (``forked`` on the template's channel), so other
+events may come first; the policy's worker table decides those cases (a worker superseded
+before its pid was known is SIGKILLed when the pid arrives). After each wait every ready input
+is read before a :class:`Tick` lets the policy judge deadlines (a stalled master finds
+heartbeats in the pipes, not missing), and time the master could not listen is reported to
+the policy as :class:`MasterStalled` before anything else of that wake-up. The wire formats are owned
 elsewhere: the worker pipe by :mod:`appliance.worker.protocol`, the control socket by
 :mod:`appliance.control.protocol`, sd_notify by :mod:`appliance.systemd`.
 """
@@ -18,6 +21,7 @@ elsewhere: the worker pipe by :mod:`appliance.worker.protocol`, the control sock
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import selectors
@@ -30,11 +34,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from appliance import log
+from appliance.appenv import AppEnvError, AppEnvironment
 from appliance.engines.balance import LoadBoard
 from appliance.master import policy, rules
 from appliance.master.events import (
     Action,
     ApplyLive,
+    CancelSpawn,
     ConfigRejected,
     Event,
     Exit,
@@ -61,8 +67,8 @@ from appliance.master.events import (
 )
 from appliance.master.signals import SignalPipe
 from appliance.master.state import MasterState
+from appliance.worker import channel, protocol, template
 from appliance.worker import main as worker_main
-from appliance.worker import protocol
 
 if TYPE_CHECKING:
     from appliance.control import ControlConn, ControlServer
@@ -73,6 +79,18 @@ __all__ = ["Master", "MasterDeps"]
 
 #: How long the master looks away from its control socket after accept() failed (EMFILE).
 _CONTROL_PAUSE_S = 1.0
+#: Exit statuses kept for children reaped before their fork report was read.
+_MAX_ORPHANS = 1024
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    """Workers are forked by a template process through a middle process that exits: as a
+    child subreaper the master inherits them, so it reaps and signals its own children."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
 @dataclass
@@ -85,12 +103,28 @@ class MasterDeps:
     #: settings changed), or the reason it cannot be used.
     reload_config: Callable[[MasterState], tuple[Generation, bool] | str]
     engine_settings: Callable[[Generation], EngineSettings]
-    #: The app imported in the master (``app.preload``); any ASGI/WSGI callable.
-    preloaded_app: object = None
+    #: The app's environment for a generation (may raise AppEnvError: its spawns then fail).
+    app_environment: Callable[[Generation], AppEnvironment]
     control: ControlServer | None = None
     #: The signal pipe ``appliance serve`` set up before reading the config (else a new one).
     signals: SignalPipe | None = None
     on_exit: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass
+class _Template:
+    """The master's handle on one generation's template process."""
+
+    generation: int
+    pid: int
+    sock: socket.socket
+    started_at: float
+    ready: bool = False
+    error: str | None = None
+    #: Workers asked for and not yet reported forked (or failed).
+    keys: set[int] = field(default_factory=set)
+    #: Spawns waiting for ``ready``: (key, slot, lane, report pipe write end).
+    queued: list[tuple[int, int, int | None, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -108,7 +142,6 @@ class Master:
         self.log = log.get_logger()
         self.selector = selectors.DefaultSelector()
         self.pending: deque[Event] = deque()
-        self._forks: list[Event] = []  # fork reports of the actions being executed
         self.pipes: dict[int, _Pipe] = {}  # by worker key
         self.pids: dict[int, int] = {}  # pid -> worker key
         self.conns: dict[int, ControlConn] = {}  # fd -> connection
@@ -117,6 +150,10 @@ class Master:
         self.exit_code: int | None = None
         self.signals = deps.signals if deps.signals is not None else SignalPipe()
         self._control_resume_at: float | None = None
+        self.templates: dict[int, _Template] = {}  # by generation number
+        self.template_pids: dict[int, int] = {}  # pid -> generation number
+        self._template_error = ""
+        self._orphans: dict[int, int] = {}  # pid -> wait status
         # Workers watch this pipe: EOF means the master is gone and they should drain and exit.
         self._alive_r, self._alive_w = os.pipe()
         # Open-connection counts the workers balance their accepting on (engines.balance).
@@ -128,6 +165,7 @@ class Master:
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> int:
+        _become_subreaper()
         self.signals.install()
         try:
             self.state, actions = policy.start(self.state, time.monotonic())
@@ -168,6 +206,7 @@ class Master:
             event = self.pending.popleft()
             self.state, actions = policy.step(self.state, event, time.monotonic())
             self._execute(actions)
+            self._retire_templates()
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -181,6 +220,8 @@ class Master:
         # closed its fd already, and the number may even be reused by then.
         elif isinstance(tag, _Pipe) and self.pipes.get(tag.key) is tag:
             self._read_pipe(tag)
+        elif isinstance(tag, _Template) and self.templates.get(tag.generation) is tag:
+            self._read_template(tag)
         elif isinstance(tag, tuple) and (conn := self.conns.get(key.fd)) is tag[1]:
             assert conn is not None
             self._read_conn(conn)
@@ -215,17 +256,38 @@ class Master:
                 return
             if pid == 0:
                 return
+            number = self.template_pids.pop(pid, None)
+            if number is not None:
+                tpl = self.templates.get(number)
+                code = os.waitstatus_to_exitcode(status)
+                self.log.info("template.exited", generation=number, pid=pid, exit_code=code)
+                if tpl is not None and tpl.pid == pid:
+                    self._template_gone(tpl, f"exit status {code}")
+                continue
             key = self.pids.pop(pid, None)
             if key is None:
-                continue  # not ours (we may be PID 1 of a container): reaped quietly
-            pipe = self.pipes.get(key)
-            if pipe is not None:
-                self._read_pipe(pipe, final=True)
-            code = os.waitstatus_to_exitcode(status)
-            if code < 0:
-                self.pending.append(WorkerExited(key, None, signal.Signals(-code).name))
-            else:
-                self.pending.append(WorkerExited(key, code, None))
+                # A worker whose fork report is still in its template's channel, or not ours
+                # at all (as PID 1 of a container we inherit orphans): keep it briefly.
+                for tpl in list(self.templates.values()):
+                    self._read_template(tpl)
+                key = self.pids.pop(pid, None)
+            if key is None:
+                self._orphans[pid] = status
+                while len(self._orphans) > _MAX_ORPHANS:
+                    del self._orphans[next(iter(self._orphans))]
+                continue
+            self._exited(key, status)
+
+    def _exited(self, key: int, status: int) -> None:
+        self.pids = {p: k for p, k in self.pids.items() if k != key}
+        pipe = self.pipes.get(key)
+        if pipe is not None:
+            self._read_pipe(pipe, final=True)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            self.pending.append(WorkerExited(key, None, signal.Signals(-code).name))
+        else:
+            self.pending.append(WorkerExited(key, code, None))
 
     def _read_pipe(self, pipe: _Pipe, *, final: bool = False) -> None:
         while True:
@@ -385,6 +447,8 @@ class Master:
             match action:
                 case Spawn():
                     self._spawn(action)
+                case CancelSpawn(key=key):
+                    self._cancel_spawn(key)
                 case Kill(key=key, pid=pid, signal_name=name):
                     pipe = self.pipes.get(key)
                     if pipe is not None and pipe.lane is not None:
@@ -407,11 +471,6 @@ class Master:
                     self._answer_scale(action)
                 case Exit(code=code):
                     self.exit_code = code
-        if self._forks:
-            # A fork's outcome comes before anything already queued: a reload queued behind
-            # it must find the pid of the worker it supersedes.
-            self.pending.extendleft(reversed(self._forks))
-            self._forks.clear()
 
     def _answer_progress(self, action: ReloadProgress) -> None:
         from appliance.control import reload_progress
@@ -448,68 +507,232 @@ class Master:
                 conn, scale_reply(action.workers) if action.ok else error_reply(action.message)
             )
 
+    # --- templates and spawns --------------------------------------------------------------
+
     def _spawn(self, action: Spawn) -> None:
-        read_fd, write_fd = os.pipe()
+        """Ask the generation's template for a worker (forking the template first if needed)."""
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as exc:  # EMFILE: a failed boot, retried with backoff
+            self.pending.append(SpawnFailed(action.key, f"cannot create its pipe: {exc}"))
+            return
         os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
         lane = self.board.claim()
-        # Move everything the master has allocated so far out of the collector's reach: a
-        # collection in the child would otherwise write to every object's header and copy the
-        # shared pages (copy-on-write) that make preloading and the engine import cheap.
+        pipe = _Pipe(action.key, read_fd, lane)
+        self.pipes[action.key] = pipe
+        self.selector.register(read_fd, selectors.EVENT_READ, pipe)
+        tpl = self._template_for(action.generation)
+        if tpl is None:
+            os.close(write_fd)
+            self._fail_spawn(action.key, self._template_error)
+            return
+        tpl.keys.add(action.key)
+        if tpl.ready:
+            self._send_spawn(tpl, action.key, action.slot, lane, write_fd)
+        else:
+            tpl.queued.append((action.key, action.slot, lane, write_fd))
+
+    def _send_spawn(
+        self, tpl: _Template, key: int, slot: int, lane: int | None, write_fd: int
+    ) -> None:
+        sent = channel.send(tpl.sock, channel.Spawn(key, slot, lane), write_fd)
+        os.close(write_fd)
+        if not sent:
+            self._fail_spawn(key, "the generation's template process is not answering")
+
+    def _fail_spawn(self, key: int, error: str) -> None:
+        for tpl in self.templates.values():
+            tpl.keys.discard(key)
+        pipe = self.pipes.get(key)
+        if pipe is not None:
+            self._close_pipe(pipe)
+        self.pending.append(SpawnFailed(key, error))
+
+    def _template_for(self, generation: Generation) -> _Template | None:
+        template = self.templates.get(generation.number)
+        if template is not None:
+            return template
+        try:
+            environment = self.deps.app_environment(generation)
+        except AppEnvError as exc:
+            self._template_error = str(exc)
+            return None
+        try:
+            master_end, template_end = channel.pair()
+        except OSError as exc:
+            self._template_error = f"cannot create the template's channel: {exc}"
+            return None
+        # Everything the master allocated so far stays out of the collector's reach, so a
+        # collection in a child does not copy the pages it shares with the master.
         gc.freeze()
         try:
             pid = os.fork()
         except OSError as exc:
-            os.close(read_fd)
-            os.close(write_fd)
-            if lane is not None:
-                self.board.release(lane)
-            self._forks.append(SpawnFailed(action.key, f"fork failed: {exc}"))
-            return
+            master_end.close()
+            template_end.close()
+            self._template_error = f"fork failed: {exc}"
+            return None
         if pid == 0:
-            self._become_worker(action, read_fd, write_fd, lane)
-        os.close(write_fd)
-        pipe = _Pipe(action.key, read_fd, lane)
-        self.pipes[action.key] = pipe
-        self.pids[pid] = action.key
-        self.selector.register(read_fd, selectors.EVENT_READ, pipe)
-        self._forks.append(WorkerForked(action.key, pid))
+            self._become_template(generation, environment, master_end, template_end)
+        template_end.close()
+        master_end.setblocking(False)
+        tpl = _Template(generation.number, pid, master_end, time.monotonic())
+        self.templates[generation.number] = tpl
+        self.template_pids[pid] = generation.number
+        self.selector.register(master_end.fileno(), selectors.EVENT_READ, tpl)
+        self.log.info("template.started", generation=generation.number, pid=pid)
+        return tpl
 
-    def _become_worker(
-        self, action: Spawn, read_fd: int, write_fd: int, lane: int | None
+    def _become_template(
+        self,
+        generation: Generation,
+        environment: AppEnvironment,
+        master_end: socket.socket,
+        template_end: socket.socket,
     ) -> NoReturn:
         try:
-            settings = action.generation.settings
-            master_fds = [read_fd, self.signals.read_fd, self.signals.write_fd, self._alive_w]
+            settings = generation.settings
+            master_fds = [self.signals.read_fd, self.signals.write_fd, self._alive_w]
             master_fds += [p.fd for p in self.pipes.values()]
             master_fds += list(self.conns)
+            master_fds += [t.sock.fileno() for t in self.templates.values()]
+            master_fds += [fd for *_rest, fd in self._queued_fds()]
             if self.deps.control is not None:
                 master_fds.append(self.deps.control.fileno())
-            for fd in master_fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            master_end.close()
             self.selector.close()
             with contextlib.suppress(Exception):
                 self.deps.notifier.close()
-            spec = worker_main.WorkerSpec(
-                worker_id=action.slot,
-                generation=action.generation.number,
-                config_digest=action.generation.digest,
+            spec = template.TemplateSpec(
+                generation=generation.number,
+                config_digest=generation.digest,
                 app_target=settings.app.target,
                 app_directory=settings.app.directory,
-                preloaded_app=self.deps.preloaded_app,
+                preload=settings.app.preload,
+                environment=environment,
                 sockets=tuple(self.deps.sockets),
-                engine=self.deps.engine_settings(action.generation),
+                engine=self.deps.engine_settings(generation),
                 log_level=settings.log.level,
                 log_format=settings.log.format,
-                report_fd=write_fd,
                 alive_fd=self._alive_r,
                 board=self.board,
-                lane=lane,
+                channel=template_end,
+                close_fds=tuple(master_fds),
             )
         except BaseException:  # noqa: BLE001 - never return into the master's loop
             os._exit(worker_main.EXIT_CRASH)
-        worker_main.run(spec)
+        template.run(spec)
+
+    def _queued_fds(self) -> list[tuple[int, int, int | None, int]]:
+        return [item for t in self.templates.values() for item in t.queued]
+
+    def _read_template(self, tpl: _Template) -> None:
+        while True:
+            try:
+                received = channel.receive(tpl.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                received = None
+            if received is None:
+                self._template_gone(tpl, "its channel closed")
+                return
+            msg, fd = received
+            if fd is not None:
+                os.close(fd)  # the master never expects a descriptor back
+            match msg:
+                case channel.Ready():
+                    tpl.ready = True
+                    self.log.info(
+                        "template.ready",
+                        generation=tpl.generation,
+                        pid=tpl.pid,
+                        boot_s=round(time.monotonic() - tpl.started_at, 4),
+                    )
+                    queued, tpl.queued = tpl.queued, []
+                    for key, slot, lane, write_fd in queued:
+                        self._send_spawn(tpl, key, slot, lane, write_fd)
+                case channel.BootError(error=error):
+                    tpl.error = error
+                case channel.Forked(key=key, pid=pid):
+                    tpl.keys.discard(key)
+                    self.pids[pid] = key
+                    self.pending.append(WorkerForked(key, pid))
+                    status = self._orphans.pop(pid, None)
+                    if status is not None:  # reaped before this report was read
+                        self._exited(key, status)
+                case channel.SpawnFailed(key=key, error=error):
+                    tpl.keys.discard(key)
+                    self._fail_spawn(key, error)
+                case _:
+                    self.log.warning("template.bad_message", generation=tpl.generation, line=msg)
+
+    def _template_gone(self, tpl: _Template, why: str) -> None:
+        """The template's channel closed or it was reaped: fail what it had not forked."""
+        if self.templates.get(tpl.generation) is not tpl:
+            return
+        del self.templates[tpl.generation]
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(tpl.sock.fileno())
+        # Reports already in the socket come first (a worker forked just before the end).
+        with contextlib.suppress(OSError):
+            while (received := channel.receive(tpl.sock)) is not None:
+                msg, fd = received
+                if fd is not None:
+                    os.close(fd)
+                if isinstance(msg, channel.Forked):
+                    tpl.keys.discard(msg.key)
+                    self.pids[msg.pid] = msg.key
+                    self.pending.append(WorkerForked(msg.key, msg.pid))
+                    status = self._orphans.pop(msg.pid, None)
+                    if status is not None:
+                        self._exited(msg.key, status)
+                elif isinstance(msg, channel.BootError):
+                    tpl.error = msg.error
+        tpl.sock.close()
+        for _key, _slot, _lane, write_fd in tpl.queued:
+            os.close(write_fd)
+        tpl.queued = []
+        error = f"boot failed: {tpl.error}" if tpl.error else f"template process ended ({why})"
+        for key in sorted(tpl.keys):
+            self._fail_spawn(key, error)
+        tpl.keys.clear()
+        if tpl.error:
+            self.log.error(
+                "template.boot_failed", generation=tpl.generation, pid=tpl.pid, error=tpl.error
+            )
+
+    def _retire_templates(self) -> None:
+        """Close the channel of templates no generation needs any more; they exit on EOF.
+
+        Needed: the current generation's, and during a reload the previous one's (an abort
+        goes back to it, and its slots may need respawning meanwhile).
+        """
+        needed = {self.state.current.number}
+        if self.state.reload is not None:
+            needed.add(self.state.reload.previous.number)
+        for number, tpl in list(self.templates.items()):
+            if number not in needed and not tpl.keys and not tpl.queued:
+                del self.templates[number]
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(tpl.sock.fileno())
+                tpl.sock.close()
+
+    def _cancel_spawn(self, key: int) -> None:
+        """The policy gave up on a worker whose fork was not reported (boot timeout)."""
+        for tpl in list(self.templates.values()):
+            if key not in tpl.keys:
+                continue
+            for item in tpl.queued:
+                if item[0] == key:
+                    tpl.queued.remove(item)
+                    os.close(item[3])
+                    self._fail_spawn(key, "cancelled: the template did not become ready")
+                    break
+            if not tpl.ready:
+                # Still importing after a whole boot timeout: it is stuck; a new one may not be.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(tpl.pid, signal.SIGKILL)
 
     def _cleanup(self) -> None:
         self.signals.close()
@@ -517,6 +740,11 @@ class Master:
             self._drop_conn(conn)
         for pipe in list(self.pipes.values()):
             self._close_pipe(pipe)
+        for tpl in list(self.templates.values()):
+            for *_rest, fd in tpl.queued:
+                os.close(fd)
+            tpl.sock.close()
+        self.templates.clear()
         for fd in (self._alive_r, self._alive_w):
             with contextlib.suppress(OSError):
                 os.close(fd)

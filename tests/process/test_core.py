@@ -82,13 +82,32 @@ def test_configured_wsgi_app(start_master, workdir):
     assert status == 200 and body == {"pid": body["pid"], "wsgi": True, "path": "/x"}
 
 
-def test_preload_imports_in_master_before_fork(start_master, workdir):
+def test_preload_imports_once_per_generation_in_its_template_never_in_the_master(
+    start_master, workdir
+):
     m = start_master(
-        base_config(workdir, app={"target": "testapp:app", "directory": str(APPS), "preload": True})
+        base_config(
+            workdir,
+            app={"target": "testapp:app", "directory": str(APPS), "preload": True},
+            workers={"count": 2},
+        )
     )
     m.ready()
-    _, body = m.get("/")
-    assert body["import_pid"] == m.pid != body["pid"]
+    (template,) = m.logs.find("template.ready")
+    seen = {}
+    while len(seen) < 2:
+        _, body = http_get(m.port, "/")
+        seen[body["pid"]] = body["import_pid"]
+    assert set(seen.values()) == {template["pid"]}
+    assert m.pid not in seen.values() and template["pid"] not in seen
+    # The workers are the master's children (re-parented from the template's fork).
+    for pid in seen:
+        assert _ppid(pid) == m.pid
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def test_kill_9_of_a_worker_under_load_only_its_requests_fail(start_master, workdir):
@@ -269,7 +288,7 @@ def test_unknown_key_suggests(workdir):
 
 def test_unimportable_app(workdir):
     err = _serve_fails(workdir, '[app]\ntarget = "no_such_module_xyz:app"\n')
-    assert 'no module named "no_such_module_xyz"' in err
+    assert "no module named \"no_such_module_xyz\"" in err
     assert len(err.strip().splitlines()) == 1
 
 

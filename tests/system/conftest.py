@@ -4,7 +4,8 @@ systemd booted as PID 1 in namespaces, see box.py).
 Skips, with the reason printed, when not root or when namespaces/overlayfs/cgroup2 are not
 usable here. APPLIANCE_REQUIRE_SYSTEM_TESTS=1 turns those skips into failures (for CI, where
 they must run). APPLIANCE_DEB=/path/to/appliance_X_arch.deb reuses a built package instead
-of running scripts/build-deb.
+of running scripts/build-deb; APPLIANCE_DEB_NEXT=... likewise for the upgrade test's N+1 (the
+same tree built as version VERSION.post1).
 """
 
 from __future__ import annotations
@@ -65,14 +66,45 @@ def appliance_deb(pytestconfig: pytest.Config, box_support, tmp_path_factory) ->
         p = Path(given).resolve()
         assert p.is_file(), f"APPLIANCE_DEB={given} does not exist"
         return p
-    out = tmp_path_factory.mktemp("deb")
-    _say(pytestconfig, f"building the .deb with scripts/build-deb into {out} (set APPLIANCE_DEB to reuse one)")
-    r = subprocess.run([str(REPO / "scripts" / "build-deb"), str(out)], capture_output=True,
-                       text=True, timeout=900)
+    return build_deb(pytestconfig, tmp_path_factory.mktemp("deb"))
+
+
+def build_deb(config: pytest.Config, out: Path, *args: str, lintian: bool = True) -> Path:
+    env = dict(os.environ)
+    if not lintian:
+        env["APPLIANCE_NO_LINTIAN"] = "1"
+    _say(config, f"building the .deb with scripts/build-deb {' '.join(args)} into {out}")
+    r = subprocess.run([str(REPO / "scripts" / "build-deb"), *args, str(out)], capture_output=True,
+                       text=True, timeout=900, env=env)
     if r.returncode != 0:
         pytest.fail(f"scripts/build-deb failed (rc={r.returncode}):\n{r.stderr[-6000:]}", pytrace=False)
     deb = Path(r.stdout.strip().splitlines()[-1])
     assert deb.is_file(), r.stdout
+    return deb
+
+
+def deb_version(deb: Path) -> str:
+    return subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def appliance_deb_next(pytestconfig: pytest.Config, appliance_deb: Path, tmp_path_factory) -> Path:
+    """Version N+1 of the package under test: the same tree as VERSION.post1 ($APPLIANCE_DEB_NEXT
+    reuses one). lintian already ran on the same files for N."""
+    given = os.environ.get("APPLIANCE_DEB_NEXT")
+    if given:
+        p = Path(given).resolve()
+        assert p.is_file(), f"APPLIANCE_DEB_NEXT={given} does not exist"
+        return p
+    import ast
+    init = (REPO / "appliance" / "__init__.py").read_text()
+    version = next(ast.literal_eval(n.value) for n in ast.parse(init).body if isinstance(n, ast.Assign)
+                   and [getattr(t, "id", None) for t in n.targets] == ["__version__"])
+    deb = build_deb(pytestconfig, tmp_path_factory.mktemp("deb-next"), "--version", f"{version}.post1",
+                    lintian=False)
+    check = subprocess.run(["dpkg", "--compare-versions", deb_version(deb), "gt", deb_version(appliance_deb)])
+    assert check.returncode == 0, f"{deb.name} is not newer than {appliance_deb.name}"
     return deb
 
 

@@ -9,8 +9,8 @@ all in one box with the .deb installed by apt:
 4. under continuous load, `systemctl reload` and `systemctl restart` refuse no request
 5. SIGSTOP of the master: the watchdog restarts the service (NRestarts grows) and it serves
 6. `systemd-analyze security` exposure at or below 2.0
-7. upgrade (reinstall) restarts cleanly; `apt remove` stops the units; `apt purge` removes
-   /etc/appliance
+7. upgrade (reinstall) restarts cleanly; `apt remove` stops the units; `apt purge` leaves
+   no /etc/appliance (the package created nothing else there)
 
 Every wait polls an observable state with a deadline; there are no sleeps as synchronisation.
 """
@@ -75,12 +75,14 @@ def test_1_install_and_socket_activation(installed_box: Box) -> None:
     assert "Setting up appliance" in r.stdout
 
     # the package's layout: Debian's interpreter, isolated shebang, no build tools in the venv
-    assert box.run(["readlink", "-f", "/opt/venvs/appliance/bin/python"]).stdout.strip() == "/usr/bin/python3.11"
-    assert box.run(["head", "-n1", "/opt/venvs/appliance/bin/appliance"]).stdout.strip() == \
-        "#!/opt/venvs/appliance/bin/python -I"
-    assert box.run(["readlink", "-f", "/usr/bin/appliance"]).stdout.strip() == "/opt/venvs/appliance/bin/appliance"
-    assert box.run("ls /opt/venvs/appliance/lib/python3.11/site-packages | grep -E '^(pip|setuptools)' || true").stdout == ""
-    assert box.run(["dpkg-query", "-W", "-f=${Conffiles}", "appliance"]).stdout.count("/etc/appliance/") == 2
+    assert box.run(["readlink", "-f", "/usr/lib/appliance/bin/python"]).stdout.strip() == "/usr/bin/python3.11"
+    assert box.run(["head", "-n1", "/usr/lib/appliance/bin/appliance"]).stdout.strip() == \
+        "#!/usr/lib/appliance/bin/python -I"
+    assert box.run(["readlink", "-f", "/usr/bin/appliance"]).stdout.strip() == "/usr/lib/appliance/bin/appliance"
+    assert box.run("ls /usr/lib/appliance/lib/python3.11/site-packages | grep -E '^(pip|setuptools)' || true").stdout == ""
+    # no conffiles: /etc/appliance/conf.d/ exists and is empty, the main file is optional
+    assert box.run(["dpkg-query", "-W", "-f=${Conffiles}", "appliance"]).stdout.strip() == ""
+    assert box.run("ls -A /etc/appliance/conf.d; test ! -e /etc/appliance/appliance.toml").stdout == ""
 
     assert box.run(["systemctl", "is-enabled", "appliance.socket"]).stdout.strip() == "enabled"
     box.run(["systemctl", "start", "appliance.socket"])
@@ -88,7 +90,7 @@ def test_1_install_and_socket_activation(installed_box: Box) -> None:
     # nothing runs until the first connection
     s = service(box)
     assert s["ActiveState"] == "inactive" and s["MainPID"] == "0", s
-    assert box.run("pgrep -f '^/opt/venvs/appliance/bin/python -I /usr/bin/appliance serve' || true").stdout.strip() == ""
+    assert box.run("pgrep -f '^/usr/lib/appliance/bin/python -I /usr/bin/appliance serve' || true").stdout.strip() == ""
 
     info = hello(box)
     s = service(box)
@@ -259,11 +261,10 @@ def test_7_upgrade_remove_purge(installed_box: Box) -> None:
     box.run("apt-get remove -y appliance", timeout=300)
     for unit in ("appliance.socket", "appliance.service"):
         assert box.run(["systemctl", "is-active", unit], check=False).stdout.strip() in ("inactive", "unknown")
-    assert box.run("pgrep -f '^/opt/venvs/appliance/bin/python -I /usr/bin/appliance serve' || true").stdout.strip() == ""
+    assert box.run("pgrep -f '^/usr/lib/appliance/bin/python -I /usr/bin/appliance serve' || true").stdout.strip() == ""
     code, _ = curl(box, timeout=5)
     assert code == 0, "nothing may listen after remove"
-    assert box.run(["test", "-f", "/etc/appliance/appliance.toml"], check=False).returncode == 0
-    assert box.run(["test", "-e", "/opt/venvs/appliance"], check=False).returncode != 0
+    assert box.run(["test", "-e", "/usr/lib/appliance"], check=False).returncode != 0
 
     # purge: configuration gone
     box.run("apt-get purge -y appliance", timeout=300)

@@ -9,7 +9,6 @@ import resource
 import socket
 
 import pytest
-from structlog.testing import capture_logs
 
 from appliance.engines.balance import (
     BACKOFF_INITIAL_S,
@@ -23,6 +22,7 @@ from appliance.engines.balance import (
     accept_pause,
     may_accept,
 )
+from appliance.log import capture_logs
 
 
 def test_least_loaded_accepts_and_ties_accept() -> None:

@@ -36,35 +36,22 @@ def test_app_keys_roll_without_preload(key: str) -> None:
 @pytest.mark.parametrize(
     ("old_preload", "new_preload"), [(True, True), (True, False), (False, True)]
 )
-def test_app_keys_need_restart_while_preload_is_on_in_old_or_new(
-    key: str, old_preload: bool, new_preload: bool
-) -> None:
+def test_app_keys_roll_under_preload_too(key: str, old_preload: bool, new_preload: bool) -> None:
+    """Each generation imports the app in a template process of its own, so which app (and
+    from where) can change by rolling replacement whether or not it is preloaded."""
     old = s(app={"preload": old_preload})
     new = _changed(key, preload=new_preload)
     changes = {change.key: change for change in diff_settings(old, new)}
-    assert changes[key].policy is Reload.RESTART
-    assert changes[key].reason == "app.preload is true"
+    assert changes[key].policy is Reload.ROLLING
+    assert changes[key].reason is None
     if old_preload != new_preload:
         assert changes["app.preload"] == Change(
-            "app.preload", old_preload, new_preload, Reload.RESTART
+            "app.preload", old_preload, new_preload, Reload.ROLLING
         )
 
 
-def test_preload_itself_needs_restart_and_other_app_keys_still_roll_under_it() -> None:
-    assert reload_policy(AppSettings, "preload") is Reload.RESTART
-    old = s(app={"preload": True})
-    (change,) = diff_settings(old, s(app={"preload": True, "lifespan": "off"}))
-    assert change == Change("app.lifespan", "auto", "off", Reload.ROLLING)
-    (change,) = diff_settings(old, s(app={"preload": True}, workers={"count": 3}))
-    assert change.policy is Reload.ROLLING
-
-
-def test_the_condition_is_declared_on_exactly_the_preload_bound_fields() -> None:
-    conditional = {info.key: info.restart_while for info in iter_settings() if info.restart_while}
-    assert conditional == dict.fromkeys(PRELOAD_BOUND, "app.preload")
-    by_key = {info.key: info for info in iter_settings()}
-    assert by_key["app.preload"].policy is Reload.RESTART
-    assert by_key["app.target"].policy is Reload.ROLLING  # declared; the condition is separate
+def test_no_setting_declares_a_condition_today() -> None:
+    assert [info.key for info in iter_settings() if info.restart_while] == []
 
 
 def test_every_condition_names_a_boolean_setting() -> None:
@@ -80,6 +67,6 @@ def test_a_condition_on_a_non_boolean_is_a_schema_bug() -> None:
 
 
 def test_section_policies_are_the_strictest_of_their_settings() -> None:
-    assert reload_policy(Settings, "app") is Reload.RESTART  # app.preload
+    assert reload_policy(Settings, "app") is Reload.ROLLING
     assert reload_policy(Settings, "workers") is Reload.ROLLING
     assert reload_policy(WorkerSettings, "start_attempts") is Reload.ROLLING

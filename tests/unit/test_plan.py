@@ -35,11 +35,11 @@ def test_listen_and_control_need_restart_with_a_clear_message() -> None:
     assert "nothing was changed" in plan.restart_error()
 
 
-def test_app_change_under_preload_needs_restart() -> None:
+def test_app_change_under_preload_rolls_a_new_generation() -> None:
     old = s(app={"preload": True})
     plan = plan_reload(old, s(app={"preload": True, "target": "other:app"}))
-    assert plan.restart == ("app.target",)
-    assert plan_reload(s(), s(app={"target": "other:app"})).rolling == ("app.target",)
+    assert plan.rolling == ("app.target",) and not plan.restart
+    assert plan_reload(s(), s(app={"preload": True})).rolling == ("app.preload",)
 
 
 def test_generation_carries_the_typed_settings() -> None:

@@ -80,17 +80,11 @@ def test_check_mode_fails_on_stale_output(tmp_path: Path) -> None:
     )
 
 
-def test_doc_shows_the_preload_rule_where_the_planner_applies_it() -> None:
+def test_doc_shows_that_app_settings_roll_with_preload_too() -> None:
     text = DOC.read_text(encoding="utf-8")
     rows = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines()}
-    for name in ("`target`", "`interface`", "`directory`"):
-        assert "| rolling; needs restart while `app.preload` is true |" in rows[name], name
-    assert "| restart |" in rows["`preload`"]
-    assert "reloads by its own policy unless `app.preload` is true" in " ".join(text.splitlines())
-    example = " ".join(
-        line.removeprefix("## ") for line in EXAMPLE.read_text(encoding="utf-8").splitlines()
-    )
-    assert "Reload: rolling; needs restart while `app.preload` is true." in example
+    for name in ("`target`", "`interface`", "`directory`", "`preload`", "`virtualenv`"):
+        assert "| rolling |" in rows[name], name
 
 
 def test_doc_states_the_file_limits() -> None:

@@ -1,0 +1,387 @@
+"""The HTTP/1.1 and WebSocket protocols a worker serves with: uvicorn's, with our rules.
+
+uvicorn's httptools protocol parses and runs the ASGI cycle; :class:`HttpProtocol` adds what
+a server facing the internet needs and uvicorn does not do (the decisions are pure functions
+in :mod:`appliance.http.rules`):
+
+* limits on the request head (line, field count, field size) and on the bytes one head may
+  take while it arrives, answered 414/431 with ``Connection: close``;
+* the RFC 9112 checks llhttp leaves to the server (505, duplicate Host, ``GET *``,
+  Transfer-Encoding in HTTP/1.0);
+* trailer fields of a chunked body never become request headers (httptools reports them
+  through the same ``on_header`` callback as the head's fields);
+* timeouts: an idle connection (fresh, or between requests) closes after the keep-alive
+  timeout, a head must arrive within the head timeout (else 408), and a body may not stall
+  longer than the body timeout;
+* a drain that finishes requests in progress, closes connections with half a head at once
+  and lets idle ones take their next request (answered with ``Connection: close``);
+* a refused connection half-closes and keeps reading (and discarding) for a moment, so the
+  peer reads our answer instead of a TCP reset caused by its own unread bytes;
+* the connection counter of the balanced acceptor follows a connection into the WebSocket
+  protocol after an upgrade, and bytes the client sent right behind its upgrade request are
+  passed on instead of dropped.
+
+:class:`WebSocketProtocol` (uvicorn's websockets sans-I/O protocol) closes with a real closing
+handshake when the worker drains: a close frame with 1012 (replaced) or 1001 (stopping), then
+the TCP connection ends once the client answered, never with a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+
+from appliance.http import rules
+from appliance.http.rules import Drain, HeadLimits, Reject
+
+if TYPE_CHECKING:
+    from uvicorn.config import Config
+
+__all__ = ["LINGER_S", "HttpProtocol", "ServingState", "WebSocketProtocol"]
+
+#: How long a refused connection keeps reading (and dropping) what the peer still sends
+#: after our answer, before it closes. Closing a socket with unread bytes makes the kernel
+#: send a reset, which can destroy the answer before the peer has read it.
+LINGER_S = 1.0
+
+
+class ServingState(ServerState):
+    """uvicorn's state shared by all connections of a worker, plus our settings and drain."""
+
+    def __init__(
+        self,
+        *,
+        limits: HeadLimits,
+        head_timeout_s: float,
+        body_timeout_s: float,
+    ) -> None:
+        super().__init__()
+        self.limits = limits
+        self.head_timeout_s = head_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.draining = False
+        #: Draining because the server stops (not because this worker is replaced).
+        self.stopping = False
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing; the protocol answers ``_reject``."""
+
+
+def _response(status: int, reason: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    body = reason.encode("ascii", "replace") + b"\n"
+    parts = [STATUS_LINE[status]]
+    for name, value in default_headers:
+        parts += [name, b": ", value, b"\r\n"]
+    parts += [
+        b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n\r\n",
+        body,
+    ]
+    return b"".join(parts)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServingState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._state = server_state
+        self._limits = server_state.limits
+        self._in_head = False  # on_message_begin seen, on_headers_complete not yet
+        self._head_began_here = False  # ... in the chunk being fed now
+        self._head_bytes = 0
+        self._fields = 0
+        self._in_body = False
+        self._body_seen_at = 0.0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._reject: Reject | None = None
+        self._refused = False
+
+    # --- connection ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        # While refusing: the peer read our answer and closed its side; we close too.
+        return None
+
+    def _cancel_timers(self) -> None:
+        self._unset_keepalive_if_required()
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
+
+    def _arm_idle(self) -> None:
+        if self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def _busy(self) -> bool:
+        return bool(self.pipeline) or (
+            self.cycle is not None and not self.cycle.response_complete
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: drop what the peer still sends
+        self._unset_keepalive_if_required()
+        self._head_began_here = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self._should_upgrade():
+                self._upgrade(data[exc.args[0] :] if exc.args else b"")
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserCallbackError:
+            self._refuse(self._reject or Reject(400, "invalid HTTP request"))
+            return
+        except httptools.HttpParserError as exc:
+            self._refuse(Reject(400, f"invalid HTTP request: {exc}"))
+            return
+        if self._in_head:
+            # Bytes of the chunk the head began in are not counted: some may belong to the
+            # previous request. The budget then bounds the head's memory to the budget plus
+            # two reads of the loop (256 KiB each with uvloop).
+            if not self._head_began_here:
+                self._head_bytes += len(data)
+                reject = rules.check_head_bytes(self._head_bytes, self._limits)
+                if reject is not None:
+                    self._refuse(reject)
+                    return
+        elif self._in_body:
+            self._body_seen_at = self.loop.time()
+        elif not self._busy():
+            self._arm_idle()  # bytes that began nothing (a stray CRLF): still idle
+
+    # --- parser callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_began_here = True
+        self._head_bytes = 0
+        self._fields = 0
+        self._head_timer = self.loop.call_later(self._state.head_timeout_s, self._head_expired)
+
+    def _stop(self, reject: Reject) -> None:
+        self._reject = reject
+        raise _Refused(reject.reason)
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        reject = rules.check_request_line(self.parser.get_method(), len(self.url), self._limits)
+        if reject is not None:
+            self._stop(reject)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field of a chunked body: never a request header
+        self._fields += 1
+        reject = rules.check_field(self._fields, name, value, self._limits)
+        if reject is not None:
+            self._stop(reject)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        parser = self.parser
+        reject = rules.check_head(
+            parser.get_http_version(),
+            parser.get_method(),
+            self.url,
+            (name for name, _ in self.headers),
+        )
+        if reject is not None:
+            self._stop(reject)
+        super().on_headers_complete()
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        cycle = self.cycle
+        if cycle is not None:
+            # For the WSGI adapter: stop iterating a response nobody receives.
+            self.scope["extensions"] = {"appliance.disconnected": lambda: cycle.disconnected}
+            if self._state.draining:
+                cycle.keep_alive = False
+        self._in_body = True
+        self._body_seen_at = self.loop.time()
+        if self._body_timer is None:
+            self._body_timer = self.loop.call_later(
+                self._state.body_timeout_s, self._body_expired
+            )
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_message_complete()
+
+    # --- timeouts -------------------------------------------------------------------------
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self._refuse(
+                Reject(408, f"request head not received within {self._state.head_timeout_s:g} s")
+            )
+
+    def _body_expired(self) -> None:
+        self._body_timer = None
+        if not self._in_body or self.transport.is_closing():
+            return
+        timeout = self._state.body_timeout_s
+        left = self._body_seen_at + timeout - self.loop.time()
+        if self.flow.read_paused:
+            left = timeout  # we stopped reading (the app is slow), not the client
+        if left > 0:
+            self._body_timer = self.loop.call_later(left, self._body_expired)
+            return
+        cycle = self.cycle
+        reason = f"request body stalled for {timeout:g} s"
+        if cycle is not None:
+            started = cycle.response_started
+            cycle.disconnected = True  # the app's receive() says http.disconnect
+            cycle.message_event.set()
+            if started:
+                self.transport.close()
+                return
+        self._refuse(Reject(408, reason))
+
+    # --- refusing -------------------------------------------------------------------------
+
+    def _refuse(self, reject: Reject) -> None:
+        """Answer ``reject``, half-close, drop whatever else arrives for LINGER_S, close."""
+        self._refused = True
+        self._in_head = self._in_body = False
+        self._cancel_timers()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(_response(reject.status, reject.reason, self.server_state.default_headers))
+        self.flow.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(Reject(400, msg))
+
+    # --- drain ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        action = rules.drain_action(head_in_progress=self._in_head, request_in_progress=self._busy())
+        if action is Drain.FINISH:
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
+            for cycle, _app in self.pipeline:
+                cycle.keep_alive = False
+        elif action is Drain.CLOSE:
+            self._cancel_timers()
+            self.transport.close()
+        # Drain.WAIT: the next request is answered with "Connection: close"
+        # (on_headers_complete), or the idle timeout ends the connection.
+
+    # --- WebSocket upgrade ----------------------------------------------------------------
+
+    def _upgrade(self, rest: bytes) -> None:
+        """Hand the connection to the WebSocket protocol, with its counter and its bytes."""
+        self._cancel_timers()
+        self._in_head = self._in_body = False
+        self.connections.discard(self)
+        ws = self.ws_protocol_class(  # type: ignore[call-arg, misc]
+            config=self.config, server_state=self.server_state, app_state=self.app_state
+        )
+        # The acceptor counts this connection through *our* connection_lost; the transport
+        # now reports to the WebSocket protocol, so chain ours behind its own.
+        ws_lost, ours = ws.connection_lost, self.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            try:
+                ws_lost(exc)
+            finally:
+                ours(exc)
+
+        ws.connection_lost = connection_lost  # type: ignore[method-assign]
+        lines = [self.scope["method"].encode(), b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in self.scope["headers"]:
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        ws.connection_made(self.transport)
+        self.transport.set_protocol(ws)
+        ws.data_received(b"".join(lines) + rest)
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets (sans-I/O) protocol, with a closing handshake on drain."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServingState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._state = server_state
+        self._drained = False
+
+    def shutdown(self) -> None:
+        self.stop_keepalive()
+        if self.close_sent or self.transport.is_closing():
+            return  # a closing handshake is under way; its close timer ends it
+        if not self.handshake_complete:
+            if self.handshake_initiated and self.initial_response is None:
+                # The app has not accepted yet: refuse the upgrade, we are going away.
+                self.conn.send_response(self.conn.reject(503, "Service Unavailable\n"))
+                self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+            return
+        code = rules.websocket_close_code(stopping=self._state.stopping)
+        self._drained = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code})
+        self.conn.send_close(code)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:  # we must read the client's close frame
+            self.read_paused = False
+            self.transport.resume_reading()
+        # The client answers with its close frame (handle_close then closes the transport);
+        # one that never does is closed after close_timeout or at the graceful timeout.
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+    async def send(self, message: Any) -> None:
+        if self._drained:
+            raise ClientDisconnected  # the app learns it through receive(); stop sending
+        await super().send(message)

@@ -1,0 +1,182 @@
+"""A generation's template process: the app's environment, imported once, forked per worker.
+
+The master forks one template per generation (:mod:`appliance.master.runtime`). The template
+turns itself into the app's process (:func:`appliance.appenv.enter`: appliance's own modules
+out of ``sys.modules``, the app's virtualenv and paths in front, ``app.env`` set), imports the
+app when ``app.preload`` is on (else only checks that its module can be found), says
+``ready``, and then forks a worker for every ``spawn`` the master sends. So:
+
+* workers of one generation share the app's memory copy-on-write, and a replacement boots in
+  milliseconds (a fork, no interpreter start);
+* a reload starts a new template, so new code (or a new virtualenv) is imported even with
+  preload, and an import error there aborts the reload while the old workers keep serving;
+* the master itself never imports the app.
+
+Each worker is forked through a short-lived middle process that exits at once: the worker is
+re-parented to the master (a child subreaper), which reaps it, learns its exit status and
+signals it exactly as if it had forked it itself. The template is not the workers' parent and
+may exit (on EOF from the master) while they serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+from appliance import appenv, log
+from appliance.importer import AppImportError, check_importable, import_app
+from appliance.worker import channel
+from appliance.worker import main as worker_main
+
+if TYPE_CHECKING:
+    from appliance.engines.asgi import EngineSettings
+    from appliance.engines.balance import LoadBoard
+
+__all__ = ["EXIT_BOOT_ERROR", "TemplateSpec", "run"]
+
+EXIT_BOOT_ERROR = 3
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateSpec:
+    """Everything a template needs, decided by the master before the fork."""
+
+    generation: int
+    config_digest: str
+    app_target: str
+    app_directory: str | None
+    preload: bool
+    environment: appenv.AppEnvironment
+    sockets: tuple[socket.socket, ...]
+    engine: EngineSettings
+    log_level: str
+    log_format: str
+    alive_fd: int
+    board: LoadBoard | None
+    channel: socket.socket
+    close_fds: tuple[int, ...]  # the master's descriptors this process must not keep
+
+
+def _reset_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def run(spec: TemplateSpec) -> NoReturn:
+    code = 1
+    try:
+        _reset_signals()
+        for fd in spec.close_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        log.configure_logging(spec.log_level, spec.log_format)
+        log.clear_context()
+        log.bind_context(pid=os.getpid(), generation=spec.generation)
+        logger = log.get_logger()
+        appenv.enter(spec.environment)
+        if spec.environment.site_dir is not None:
+            shadowed = appenv.shadowed_engine(spec.environment.site_dir)
+            if shadowed:
+                logger.warning(
+                    "template.engine_shadowed",
+                    virtualenv=spec.environment.virtualenv,
+                    packages=shadowed,
+                    message="the app's virtualenv has its own copy of these engine packages; "
+                    "appliance serves with its own (they are shared with the app)",
+                )
+        app: object = None
+        try:
+            if spec.preload:
+                app = import_app(spec.app_target, spec.app_directory)
+            else:
+                check_importable(spec.app_target, spec.app_directory)
+        except AppImportError as exc:
+            channel.send(spec.channel, channel.BootError(str(exc)))
+            logger.error("template.boot_failed", error=str(exc))
+            os._exit(EXIT_BOOT_ERROR)
+        # What is loaded now is shared by every worker: keep the collector off its pages.
+        gc.freeze()
+        channel.send(spec.channel, channel.Ready())
+        code = _serve_spawns(spec, app)
+    except BaseException:  # noqa: BLE001 - never return into the master's code
+        with contextlib.suppress(BaseException):
+            log.get_logger().exception("template.crashed")
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _serve_spawns(spec: TemplateSpec, app: object) -> int:
+    while True:
+        try:
+            received = channel.receive(spec.channel)
+        except InterruptedError:
+            continue
+        except OSError:
+            return 0
+        if received is None:
+            return 0  # the master closed our channel: this generation is done (or it died)
+        msg, fd = received
+        if not isinstance(msg, channel.Spawn) or fd is None:
+            if fd is not None:
+                os.close(fd)
+            log.get_logger().warning("template.bad_message", message=repr(msg))
+            continue
+        _fork_worker(spec, msg, fd, app)
+
+
+def _fork_worker(spec: TemplateSpec, msg: channel.Spawn, report_fd: int, app: object) -> None:
+    try:
+        middle = os.fork()
+    except OSError as exc:
+        os.close(report_fd)
+        channel.send(spec.channel, channel.SpawnFailed(msg.key, f"fork failed: {exc}"))
+        return
+    if middle == 0:
+        _middle(spec, msg, report_fd, app)
+    os.close(report_fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(middle, 0)
+
+
+def _middle(spec: TemplateSpec, msg: channel.Spawn, report_fd: int, app: object) -> NoReturn:
+    """Fork the worker, report its pid, exit: the worker is re-parented to the master."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        channel.send(spec.channel, channel.SpawnFailed(msg.key, f"fork failed: {exc}"))
+        os._exit(1)
+    if pid == 0:
+        with contextlib.suppress(OSError):
+            spec.channel.close()
+        worker_main.run(
+            worker_main.WorkerSpec(
+                worker_id=msg.slot,
+                generation=spec.generation,
+                config_digest=spec.config_digest,
+                app_target=spec.app_target,
+                app_directory=spec.app_directory,
+                preloaded_app=app,
+                sockets=spec.sockets,
+                engine=spec.engine,
+                log_level=spec.log_level,
+                log_format=spec.log_format,
+                report_fd=report_fd,
+                alive_fd=spec.alive_fd,
+                board=spec.board,
+                lane=msg.lane,
+            )
+        )
+    channel.send(spec.channel, channel.Forked(msg.key, pid))
+    os._exit(0)
