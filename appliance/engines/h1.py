@@ -161,6 +161,8 @@ class HttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserError as exc:
             self._refuse(Reject(400, f"invalid HTTP request: {exc}"))
             return
+        # Timers are armed only for a head or body still incomplete after a read, so the
+        # common request, whole in one read, costs none.
         if self._in_head:
             # Bytes of the chunk the head began in are not counted: some may belong to the
             # previous request. The budget then bounds the head's memory to the budget plus
@@ -171,8 +173,16 @@ class HttpProtocol(HttpToolsProtocol):
                 if reject is not None:
                     self._refuse(reject)
                     return
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(
+                    self._state.head_timeout_s, self._head_expired
+                )
         elif self._in_body:
             self._body_seen_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(
+                    self._state.body_timeout_s, self._body_expired
+                )
         elif not self._busy():
             self._arm_idle()  # bytes that began nothing (a stray CRLF): still idle
 
@@ -184,7 +194,6 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_began_here = True
         self._head_bytes = 0
         self._fields = 0
-        self._head_timer = self.loop.call_later(self._state.head_timeout_s, self._head_expired)
 
     def _stop(self, reject: Reject) -> None:
         self._reject = reject
@@ -229,11 +238,6 @@ class HttpProtocol(HttpToolsProtocol):
             if self._state.draining:
                 cycle.keep_alive = False
         self._in_body = True
-        self._body_seen_at = self.loop.time()
-        if self._body_timer is None:
-            self._body_timer = self.loop.call_later(
-                self._state.body_timeout_s, self._body_expired
-            )
 
     def on_message_complete(self) -> None:
         self._in_body = False

@@ -93,7 +93,7 @@ class _Response:
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._iterable:
             if self._gone():
-                pass
+                break  # the client is gone: stop now; a2wsgi calls close() next
             if chunk:
                 self._flush()
                 yield chunk

@@ -209,7 +209,9 @@ class _Tx:
     ) -> None:
         if w.pid is not None:
             self.actions.append(Kill(w.key, w.pid, signal_name))
-        elif w.state is WState.SPAWNING and state is WState.KILLED:
+        elif w.state is WState.SPAWNING:
+            # No pid yet: the spawn may still be queued (then it is dropped), or its fork
+            # report is on its way (then on_forked delivers the signal this state stands for).
             self.actions.append(CancelSpawn(w.key))
         self.workers[w.key] = replace(
             w,
@@ -220,10 +222,17 @@ class _Tx:
 
     def drain(self, w: Worker, cause: Cause) -> None:
         if w.state is WState.SPAWNING or w.state is WState.BOOTING:
-            # Not serving anything yet: nothing to drain.
-            self.kill(w, cause)
+            self.retire_unready(w, cause)
             return
         self._wlog("info", "worker.draining", w, reason=cause.value)
+        self._signal(w, "SIGTERM", cause, WState.DRAINING)
+
+    def retire_unready(self, w: Worker, cause: Cause) -> None:
+        """Stop a worker that has not reported ready: SIGTERM, never SIGKILL.
+
+        Its ``ready`` may be in flight: it may be accepting already, and SIGTERM lets it finish
+        what it took (before the engine runs, SIGTERM's default action ends it at once).
+        """
         self._signal(w, "SIGTERM", cause, WState.DRAINING)
 
     def kill(self, w: Worker, cause: Cause) -> None:
@@ -312,9 +321,13 @@ class _Tx:
             self.actions.append(Kill(key, pid, "SIGKILL"))
             self.workers[key] = replace(w, pid=pid, state=WState.KILLED, signalled_at=self.now)
             return
-        if w.state is WState.KILLED:
-            # Superseded before its pid was known: deliver the SIGKILL that was decided then.
-            self.actions.append(Kill(key, pid, "SIGKILL"))
+        if w.state in (WState.KILLED, WState.DRAINING):
+            # Stopped before its pid was known (superseded, aborted, stopping, timed out):
+            # deliver the signal that was decided then.
+            name: Literal["SIGTERM", "SIGKILL"] = (
+                "SIGKILL" if w.state is WState.KILLED else "SIGTERM"
+            )
+            self.actions.append(Kill(key, pid, name))
             self.workers[key] = replace(w, pid=pid, signalled_at=self.now)
             return
         w = replace(w, pid=pid, state=WState.BOOTING)
@@ -474,9 +487,7 @@ class _Tx:
             if self.s.reload is not None:
                 self.finish_reload(ok=False, message="interrupted: the master is stopping")
             for w in list(self.workers.values()):
-                if w.state in (WState.SPAWNING, WState.BOOTING):
-                    self.kill(w, Cause.STOP)
-                elif w.state in (WState.READY, WState.HUNG):
+                if w.state in (WState.SPAWNING, WState.BOOTING, WState.READY, WState.HUNG):
                     self._signal(w, "SIGTERM", Cause.STOP, WState.DRAINING)
         if force:
             self.log("warning", "master.force_stop", signal=signal_name)
@@ -537,7 +548,7 @@ class _Tx:
         # Workers still booting for an older generation would only be replaced again.
         for w in list(self.workers.values()):
             if w.state in (WState.SPAWNING, WState.BOOTING) and w.generation != number:
-                self.kill(w, Cause.SUPERSEDED)
+                self.retire_unready(w, Cause.SUPERSEDED)
         self.log(
             "info",
             "reload.started",
@@ -593,7 +604,7 @@ class _Tx:
         self.s = replace(self.s, current=run.previous, target=run.previous.target)
         for w in list(self.workers.values()):
             if w.generation == aborted and w.state in (WState.SPAWNING, WState.BOOTING):
-                self.kill(w, Cause.ABORT)
+                self.retire_unready(w, Cause.ABORT)
         self.finish_reload(ok=False, message=f"aborted: {rules.clamp_detail(reason)}")
 
     def finish_reload(self, *, ok: bool, message: str) -> None:
@@ -616,6 +627,15 @@ class _Tx:
         )
         self.actions.append(ReloadOutcome(run.request_ids, ok, gen, message))
         if phase is Phase.RUNNING:
+            if not self.s.ready_sent:
+                # A reload asked for while starting (a SIGHUP during start-up) finished first.
+                self.log(
+                    "info",
+                    "master.ready",
+                    generation=gen,
+                    workers=self.s.target,
+                    startup_s=round(self.now - self.s.started_at, 4),
+                )
             if not ok:
                 self.notify_status()
             self.notify_ready()

@@ -133,6 +133,10 @@ class _Pipe:
     fd: int
     lane: int | None = None
     reader: protocol.MessageReader = field(default_factory=protocol.MessageReader)
+    #: The worker's fork was reported: its messages may go to the policy. Before that they
+    #: wait here (the worker can say "ready" before its template's report is read).
+    forked: bool = False
+    early: list[protocol.Message | protocol.Invalid] = field(default_factory=list)
 
 
 class Master:
@@ -181,6 +185,11 @@ class Master:
                 wait_started = time.monotonic()
                 timeout = None if deadline is None else max(0.0, deadline - wait_started)
                 ready = self.selector.select(timeout)
+                if not ready:
+                    # The wait timed out, or the process was stopped and Python's retry saw the
+                    # timeout as spent and returned without polling: either way, look at what
+                    # is waiting before any deadline is judged.
+                    ready = self.selector.select(0)
                 now = time.monotonic()
                 stalled = rules.stall_seconds(
                     deaf_since=heard_at, wait_started=wait_started, timeout=timeout, now=now
@@ -300,9 +309,13 @@ class Master:
                     self._close_pipe(pipe)
                 return
             for msg in pipe.reader.feed(data):
-                self._on_message(pipe.key, msg)
+                self._on_message(pipe, msg)
 
-    def _on_message(self, key: int, msg: protocol.Message | protocol.Invalid) -> None:
+    def _on_message(self, pipe: _Pipe, msg: protocol.Message | protocol.Invalid) -> None:
+        if not pipe.forked:
+            pipe.early.append(msg)
+            return
+        key = pipe.key
         match msg:
             case protocol.Ready():
                 self.pending.append(WorkerReady(key))
@@ -415,6 +428,10 @@ class Master:
     def _status(self) -> dict[str, Any]:
         status = policy.snapshot(self.state, time.monotonic())
         status["pid"] = os.getpid()
+        status["templates"] = [
+            {"generation": t.generation, "pid": t.pid, "state": "ready" if t.ready else "booting"}
+            for t in sorted(self.templates.values(), key=lambda t: t.generation)
+        ]
         # The policy counts in monotonic time; people read wall-clock times.
         wall = time.time()
         status["started_at_unix"] = round(wall - status["uptime_s"], 3)
@@ -655,17 +672,27 @@ class Master:
                 case channel.BootError(error=error):
                     tpl.error = error
                 case channel.Forked(key=key, pid=pid):
-                    tpl.keys.discard(key)
-                    self.pids[pid] = key
-                    self.pending.append(WorkerForked(key, pid))
-                    status = self._orphans.pop(pid, None)
-                    if status is not None:  # reaped before this report was read
-                        self._exited(key, status)
+                    self._forked(tpl, key, pid)
                 case channel.SpawnFailed(key=key, error=error):
                     tpl.keys.discard(key)
                     self._fail_spawn(key, error)
                 case _:
                     self.log.warning("template.bad_message", generation=tpl.generation, line=msg)
+
+    def _forked(self, tpl: _Template, key: int, pid: int) -> None:
+        """Worker ``key`` runs as ``pid``: tell the policy, then what the worker said so far."""
+        tpl.keys.discard(key)
+        self.pids[pid] = key
+        self.pending.append(WorkerForked(key, pid))
+        pipe = self.pipes.get(key)
+        if pipe is not None:
+            pipe.forked = True
+            early, pipe.early = pipe.early, []
+            for msg in early:
+                self._on_message(pipe, msg)
+        status = self._orphans.pop(pid, None)
+        if status is not None:  # reaped before this report was read
+            self._exited(key, status)
 
     def _template_gone(self, tpl: _Template, why: str) -> None:
         """The template's channel closed or it was reaped: fail what it had not forked."""
@@ -681,12 +708,7 @@ class Master:
                 if fd is not None:
                     os.close(fd)
                 if isinstance(msg, channel.Forked):
-                    tpl.keys.discard(msg.key)
-                    self.pids[msg.pid] = msg.key
-                    self.pending.append(WorkerForked(msg.key, msg.pid))
-                    status = self._orphans.pop(msg.pid, None)
-                    if status is not None:
-                        self._exited(msg.key, status)
+                    self._forked(tpl, msg.key, msg.pid)
                 elif isinstance(msg, channel.BootError):
                     tpl.error = msg.error
         tpl.sock.close()

@@ -52,6 +52,9 @@ TRANSITIONS: dict[tuple[WState, Report], WState | None] = {
     # pid now. Without this pair the child lived on, serving old code, owned by nobody.
     (_S.KILLED, _R.FORKED): _S.KILLED,
     (_S.KILLED, _R.SPAWN_FAILED): None,
+    # Asked to stop (SIGTERM) before its pid was known: the signal goes out with the pid.
+    (_S.DRAINING, _R.FORKED): _S.DRAINING,
+    (_S.DRAINING, _R.SPAWN_FAILED): None,
     (_S.BOOTING, _R.READY): _S.READY,
     (_S.BOOTING, _R.HEARTBEAT): _S.BOOTING,  # the engine beats once just before "ready"
     (_S.BOOTING, _R.BOOT_FAILED): _S.BOOTING,  # the reason; its exit follows

@@ -481,7 +481,9 @@ class Subject:
         if odd:
             problems.append(f"workers not ready in generation {status['generation']}: {odd}")
         tree = descendants(self.pid)
-        known = {w["pid"] for w in workers if w["pid"]}
+        # Each generation's template process is the master's child too (status lists them).
+        templates = {t["pid"] for t in status.get("templates", []) if t.get("pid")}
+        known = {w["pid"] for w in workers if w["pid"]} | templates
         serving = {w["pid"] for w in workers if w["pid"] and w not in odd}
 
         def with_ancestors(pids: set[int]) -> set[int]:

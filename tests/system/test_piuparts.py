@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from test_pristine import SUITE, bookworm_tarball, cache_dir  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.system]

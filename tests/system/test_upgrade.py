@@ -16,7 +16,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from box import Box
 from helpers import diag, hello, journal, load, service
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-EVENT = re.compile(r'"((?:master|worker|reload|pool|notify)\.[a-z_]+)"')
+EVENT = re.compile(r'"((?:master|worker|reload|pool|notify|template)\.[a-z_]+)"')
 
 
 def test_every_logged_event_is_documented() -> None:

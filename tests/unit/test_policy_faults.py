@@ -62,10 +62,10 @@ def test_a_worker_superseded_before_its_fork_report_is_killed_when_the_pid_arriv
     sim.step(ReloadRequested(1, gen(target=1)))  # spawns the generation-2 worker
     sim.step(ReloadRequested(2, gen(target=1)))  # supersedes it before its pid is known
     (superseded,) = [w for w in sim.workers(generation=2)]
-    assert superseded.state is WState.KILLED and superseded.pid is None
+    assert superseded.state is WState.DRAINING and superseded.pid is None
     out = sim.deliver_forks()
     pid = sim.pids[superseded.key]
-    assert (superseded.key, "SIGKILL") in kills(out)
+    assert (superseded.key, "SIGTERM") in kills(out)
     assert [a.pid for a in out if isinstance(a, Kill) and a.key == superseded.key] == [pid]
 
 
