@@ -24,6 +24,7 @@ the path and both Python versions) and is used by ``appliance check``, at start 
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import os
 import re
 import site
@@ -143,9 +144,16 @@ def check_findable(environment: AppEnvironment, target: str) -> None:
     search = [*environment.paths, *([environment.site_dir] if environment.site_dir else [])]
     search += [os.getcwd()] if not environment.paths else []
     search += [p for p in sys.path if p]
-    if top in sys.builtin_module_names:
+    if top in sys.builtin_module_names or top in sys.modules:
         return
-    if importlib.machinery.PathFinder.find_spec(top, search) is None:
+    found = importlib.machinery.PathFinder.find_spec(top, search) is not None
+    if not found:
+        # Finders beyond sys.path (an editable install's hook): a top-level lookup runs no code.
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+    if not found:
         where = environment.paths[0] if environment.paths else os.getcwd()
         raise AppEnvError(
             f'app.target "{target}": no module named "{top}" (searched the app directory '
