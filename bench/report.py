@@ -547,10 +547,22 @@ def meaning(res: dict[str, Any], tg: list[tuple[str, str, bool | None]]) -> list
     return out
 
 
+#: Sections of docs/benchmarks.md written by other tools (scripts/fault-soak): kept as they are.
+KEPT_SECTIONS = ("## Fault and soak suite",)
+
+
+def _kept_tail(text: str) -> str:
+    """The hand-kept sections at the end of the current document, from the first of them."""
+    starts = [text.find(f"\n{title}\n") for title in KEPT_SECTIONS]
+    found = [at for at in starts if at >= 0]
+    return text[min(found):] if found else ""
+
+
 def write(res: dict[str, Any]) -> Path:
     made = plots(res)
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(render(res, made))
+    tail = _kept_tail(DOC.read_text()) if DOC.exists() else ""
+    DOC.write_text(render(res, made).rstrip("\n") + "\n" + tail)
     print(f"wrote {DOC}" + (f" and {len(made)} plot(s) in {PLOTS}" if made else ""))
     return DOC
 

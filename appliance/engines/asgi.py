@@ -207,8 +207,8 @@ def serve(
         served,
         interface="asgi3",
         loop="none",
-        http=HttpProtocol,  # type: ignore[arg-type]
-        ws=WebSocketProtocol if settings.websocket and settings.interface == "asgi" else "none",  # type: ignore[arg-type]
+        http=HttpProtocol,
+        ws=WebSocketProtocol if settings.websocket and settings.interface == "asgi" else "none",
         ws_max_size=settings.websocket_max_message_bytes,
         ws_ping_interval=settings.websocket_ping_interval_s or None,
         ws_ping_timeout=settings.websocket_ping_timeout_s or None,

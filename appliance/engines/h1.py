@@ -120,10 +120,6 @@ class HttpProtocol(HttpToolsProtocol):
         self._cancel_timers()
         super().connection_lost(exc)
 
-    def eof_received(self) -> bool | None:
-        # While refusing: the peer read our answer and closed its side; we close too.
-        return None
-
     def _cancel_timers(self) -> None:
         self._unset_keepalive_if_required()
         for timer in (self._head_timer, self._body_timer):
@@ -234,7 +230,8 @@ class HttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None:
             # For the WSGI adapter: stop iterating a response nobody receives.
-            self.scope["extensions"] = {"appliance.disconnected": lambda: cycle.disconnected}
+            scope: Any = self.scope  # HTTPScope types "extensions" too narrowly for this
+            scope["extensions"] = {"appliance.disconnected": lambda: cycle.disconnected}
             if self._state.draining:
                 cycle.keep_alive = False
         self._in_body = True

@@ -120,7 +120,9 @@ class WsgiApp:
         self.threads = threads
         self._lock = threading.Lock()
         self._busy: dict[int, float] = {}
-        self._asgi = WSGIMiddleware(self._call, workers=threads)
+        # a2wsgi types the app with its own Environ/StartResponse protocols; ours is the same
+        # callable shape with plain dicts.
+        self._asgi = WSGIMiddleware(self._call, workers=threads)  # type: ignore[arg-type]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self._asgi(scope, receive, send)

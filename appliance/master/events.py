@@ -198,7 +198,9 @@ class CancelSpawn:
 class Kill:
     key: int
     pid: int
-    signal_name: Literal["SIGTERM", "SIGKILL", "SIGUSR1"]
+    #: SIGTERM: stop (drain; WebSockets close 1001), SIGUSR2: being replaced (drain; 1012),
+    #: SIGKILL, SIGUSR1: dump the stack (a hung worker).
+    signal_name: Literal["SIGTERM", "SIGUSR2", "SIGKILL", "SIGUSR1"]
 
 
 @dataclass(frozen=True, slots=True)

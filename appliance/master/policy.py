@@ -85,6 +85,12 @@ __all__ = [
 _Level = Literal["debug", "info", "warning", "error"]
 
 
+def _drain_signal(cause: Cause) -> Literal["SIGTERM", "SIGUSR2"]:
+    """SIGTERM when the service stops, SIGUSR2 when a worker is replaced (reload, recycling,
+    scaling): both drain, and the engine tells WebSocket clients which (1001 or 1012)."""
+    return "SIGTERM" if cause is Cause.STOP else "SIGUSR2"
+
+
 def next_deadline(state: MasterState) -> float | None:
     """The earliest time at which :func:`step` has something to do without any event."""
     candidates: list[float] = []
@@ -203,7 +209,7 @@ class _Tx:
     def _signal(
         self,
         w: Worker,
-        signal_name: Literal["SIGTERM", "SIGKILL", "SIGUSR1"],
+        signal_name: Literal["SIGTERM", "SIGUSR2", "SIGKILL", "SIGUSR1"],
         cause: Cause,
         state: WState,
     ) -> None:
@@ -225,15 +231,15 @@ class _Tx:
             self.retire_unready(w, cause)
             return
         self._wlog("info", "worker.draining", w, reason=cause.value)
-        self._signal(w, "SIGTERM", cause, WState.DRAINING)
+        self._signal(w, _drain_signal(cause), cause, WState.DRAINING)
 
     def retire_unready(self, w: Worker, cause: Cause) -> None:
         """Stop a worker that has not reported ready: SIGTERM, never SIGKILL.
 
         Its ``ready`` may be in flight: it may be accepting already, and SIGTERM lets it finish
-        what it took (before the engine runs, SIGTERM's default action ends it at once).
+        what it took (before the engine runs, the signal's default action ends it at once).
         """
-        self._signal(w, "SIGTERM", cause, WState.DRAINING)
+        self._signal(w, _drain_signal(cause), cause, WState.DRAINING)
 
     def kill(self, w: Worker, cause: Cause) -> None:
         self._signal(w, "SIGKILL", cause, WState.KILLED)
@@ -324,8 +330,8 @@ class _Tx:
         if w.state in (WState.KILLED, WState.DRAINING):
             # Stopped before its pid was known (superseded, aborted, stopping, timed out):
             # deliver the signal that was decided then.
-            name: Literal["SIGTERM", "SIGKILL"] = (
-                "SIGKILL" if w.state is WState.KILLED else "SIGTERM"
+            name: Literal["SIGTERM", "SIGUSR2", "SIGKILL"] = (
+                "SIGKILL" if w.state is WState.KILLED else _drain_signal(w.cause or Cause.STOP)
             )
             self.actions.append(Kill(key, pid, name))
             self.workers[key] = replace(w, pid=pid, signalled_at=self.now)

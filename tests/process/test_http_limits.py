@@ -279,7 +279,14 @@ def test_keep_alive_then_pipelined_requests_still_work(server):
             b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
             b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
-        got = [_read_response(sock) for _ in range(3)]
-    assert [g[0] for g in got] == [b"HTTP/1.1 200 OK"] * 3
-    assert [json.loads(g[2])["body_bytes"] for g in got] == [0, 3, 0]
-
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    got = []
+    while data:  # the responses back to back, each framed by its Content-Length
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        got.append((head.split(b"\r\n")[0], rest[:length]))
+        data = rest[length:]
+    assert [line for line, _ in got] == [b"HTTP/1.1 200 OK"] * 3
+    assert [json.loads(body)["body_bytes"] for _, body in got] == [0, 3, 0]

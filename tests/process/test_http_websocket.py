@@ -53,10 +53,9 @@ def test_message_over_max_size_closes_with_1009(start_master, workdir):
         ws.send(b"a" * 4096)
         assert ws.recv(timeout=10) == b"a" * 4096
         ws.send(b"a" * 4097)
-        with pytest.raises(Exception) as info:  # noqa: PT011 - ConnectionClosedError
+        with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
-    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1009
-    del info
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
 
 
 def test_disabled_websockets_reach_the_app_as_http(start_master, workdir):
@@ -108,11 +107,6 @@ def test_a_replaced_worker_closes_websockets_with_1012(start_master, workdir):
     m.logs.wait_for("worker.exited", since=mark, pid=pid)
 
 
-@pytest.mark.xfail(
-    reason="the master drains a replaced worker with SIGTERM (1001); a rolling reload gives "
-    "1012 once appliance/master/policy.py drains replaced workers with SIGUSR2",
-    strict=False,
-)
 def test_rolling_reload_closes_websockets_with_1012(start_master, workdir):
     m = start_master(_config(workdir))
     m.ready()

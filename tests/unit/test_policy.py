@@ -78,7 +78,7 @@ class Sim:
                 self.next_pid += 1
                 self.pids[a.key] = self.next_pid
                 self.step(WorkerForked(a.key, self.next_pid))
-            elif isinstance(a, Kill) and a.signal_name == "SIGTERM" and self.auto_drain:
+            elif isinstance(a, Kill) and a.signal_name in ("SIGTERM", "SIGUSR2") and self.auto_drain:
                 self.step(WorkerDraining(a.key))
 
     def step(self, event: object) -> list[object]:
@@ -269,7 +269,7 @@ def test_rolling_reload_replaces_one_at_a_time_never_below_capacity() -> None:
         ready_serving = sim.workers(state=WState.READY)
         assert len(ready_serving) >= 3
         out = sim.step(WorkerReady(booting[0].key))
-        drained = [k for k, s in kills(out) if s == "SIGTERM"]
+        drained = [k for k, s in kills(out) if s == "SIGUSR2"]
         assert len(drained) == 1 and drained[0] in old
         progress = [a for a in out if isinstance(a, ReloadProgress)]
         assert progress and progress[-1].replaced == i + 1
@@ -338,7 +338,7 @@ def test_abort_after_partial_progress_rolls_back_replaced_slots() -> None:
     assert [(s.slot, s.generation.number) for s in spawns] == [(0, 1)]
     assert (n1.key, "SIGKILL") not in kills(out)
     sim.step(WorkerReady(spawns[0].key))
-    assert (n1.key, "SIGTERM") in kills(sim.actions)
+    assert (n1.key, "SIGUSR2") in kills(sim.actions)
 
 
 def test_invalid_config_on_reload_changes_nothing() -> None:
@@ -389,9 +389,9 @@ def test_second_reload_during_reload_restarts_plan_and_answers_both() -> None:
     reload(sim, gen(target=2), rid=1)
     (b1,) = sim.workers(state=WState.BOOTING)
     out = reload(sim, gen(target=2), rid=2)
-    # Superseded while booting: SIGTERM (its "ready" may be in flight and it may be
+    # Superseded while booting: SIGUSR2 (a drain) (its "ready" may be in flight and it may be
     # accepting already; SIGKILL would reset those connections).
-    assert (b1.key, "SIGTERM") in kills(out)
+    assert (b1.key, "SIGUSR2") in kills(out)
     assert sim.state.current.number == 3
     sim.exit_of(b1.key, 0)
     while sim.state.phase is Phase.RELOADING:
@@ -424,7 +424,7 @@ def test_ttin_ttou_scale_the_pool() -> None:
     assert [a.slot for a in out if isinstance(a, Spawn)] == [2]
     sim.ready_all()
     out = sim.step(ScaleRequested(2, delta=-1))
-    assert [k for k, s in kills(out) if s == "SIGTERM"] == [sim.workers(slot=2)[0].key]
+    assert [k for k, s in kills(out) if s == "SIGUSR2"] == [sim.workers(slot=2)[0].key]
 
 
 def test_max_requests_recycles_one_at_a_time_with_replacement_first() -> None:
@@ -437,7 +437,7 @@ def test_max_requests_recycles_one_at_a_time_with_replacement_first() -> None:
     assert len(spawns) == 1, "one at a time"
     assert not kills(out), "the old worker serves until its successor is ready"
     out = sim.step(WorkerReady(spawns[0].key))
-    assert kills(out) == [(a.key, "SIGTERM")]
+    assert kills(out) == [(a.key, "SIGUSR2")]
     spawns = [x for x in out if isinstance(x, Spawn)]
     assert [s.slot for s in spawns] == [b.slot]
 

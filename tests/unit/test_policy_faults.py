@@ -65,7 +65,7 @@ def test_a_worker_superseded_before_its_fork_report_is_killed_when_the_pid_arriv
     assert superseded.state is WState.DRAINING and superseded.pid is None
     out = sim.deliver_forks()
     pid = sim.pids[superseded.key]
-    assert (superseded.key, "SIGTERM") in kills(out)
+    assert (superseded.key, "SIGUSR2") in kills(out)
     assert [a.pid for a in out if isinstance(a, Kill) and a.key == superseded.key] == [pid]
 
 

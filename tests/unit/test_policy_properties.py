@@ -69,16 +69,17 @@ def test_random_histories_keep_the_invariants(ops, target, surge) -> None:  # no
                 if deliver:
                     while unforked:
                         run(unforked.pop(0))
-            elif isinstance(a, Kill) and a.signal_name in ("SIGKILL", "SIGTERM"):
-                sigkilled.add(a.pid)
-            elif isinstance(a, Kill) and a.signal_name == "SIGTERM":
-                run(WorkerDraining(a.key))
+            elif isinstance(a, Kill):
+                if a.signal_name in ("SIGKILL", "SIGTERM", "SIGUSR2"):
+                    sigkilled.add(a.pid)
+                if a.signal_name in ("SIGTERM", "SIGUSR2"):
+                    run(WorkerDraining(a.key))
             elif isinstance(a, Exit):
                 exited = True
                 assert state.workers == (), "exit only when every worker is gone"
 
     def check_action(a):
-        if isinstance(a, Kill) and a.signal_name == "SIGTERM":
+        if isinstance(a, Kill) and a.signal_name in ("SIGTERM", "SIGUSR2"):
             w = next((w for w in state.workers if w.key == a.key), None)
             if w is not None and w.cause in (Cause.DRAIN, Cause.RETIRE):
                 # Never retire a worker before its successor in the same slot is ready.
