@@ -81,7 +81,8 @@ def test_no_conffiles_and_layout(unpacked: Path) -> None:
     site = unpacked / PREFIX / f"lib/{PY}/site-packages"
     names = {p.name.split("-")[0].lower() for p in site.iterdir()}
     assert not names & {"pip", "setuptools", "wheel", "_distutils_hack"}, names
-    assert {"pydantic", "uvicorn", "uvloop", "httptools", "structlog", "sdnotify", "appliance"} <= names
+    assert {"pydantic", "uvicorn", "uvloop", "httptools", "sdnotify", "appliance"} <= names
+    assert "structlog" not in names, "appliance logs with the stdlib only (the app's versions win)"
     assert not names & {"watchfiles", "pyyaml", "python_dotenv"}, "uvicorn[standard] extras crept in"
 
 
