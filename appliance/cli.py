@@ -40,9 +40,7 @@ _INSTANCE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 def _instance_name(text: str) -> str:
     """``--instance``: the NAME of ``appliance@NAME``; it becomes part of paths and a user name."""
     if not (
-        0 < len(text) <= _INSTANCE_MAX
-        and set(text) <= _INSTANCE_CHARS
-        and text[0] not in "-_"
+        0 < len(text) <= _INSTANCE_MAX and set(text) <= _INSTANCE_CHARS and text[0] not in "-_"
     ):
         raise argparse.ArgumentTypeError(
             f"{text!r}: 1-{_INSTANCE_MAX} lowercase letters, digits, '-' and '_', "

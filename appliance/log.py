@@ -551,22 +551,26 @@ def capture_logs() -> Iterator[list[dict[str, Any]]]:
 # info. Its known lines get event names of their own, by message template (``record.msg``,
 # stable across uvicorn versions); the life-cycle lines repeat what appliance's own
 # worker.* events say, so they are debug. docs/events.md, "From the serving engine".
-_UVICORN_LINES: Mapping[str, tuple[str, int]] = MappingProxyType({
-    "Started server process [%d]": ("uvicorn.started", logging.DEBUG),
-    "Finished server process [%d]": ("uvicorn.finished", logging.DEBUG),
-    "Shutting down": ("uvicorn.shutting_down", logging.DEBUG),
-    "Waiting for application startup.": ("app.startup_begin", logging.DEBUG),
-    "Application startup complete.": ("app.startup_complete", logging.DEBUG),
-    "Waiting for application shutdown.": ("app.shutdown_begin", logging.DEBUG),
-    "Application shutdown complete.": ("app.shutdown_complete", logging.DEBUG),
-    "ASGI 'lifespan' protocol appears unsupported.": ("app.lifespan_unsupported", logging.INFO),
-    "Exception in ASGI application\n": ("app.exception", logging.ERROR),
-    "Exception in ASGI application": ("app.exception", logging.ERROR),
-})
-_STDLIB_EVENTS: Mapping[str, str] = MappingProxyType({
-    "uvicorn.error": "uvicorn.server",  # any other line of uvicorn's server logger
-    "uvicorn.access": "uvicorn.access",
-})
+_UVICORN_LINES: Mapping[str, tuple[str, int]] = MappingProxyType(
+    {
+        "Started server process [%d]": ("uvicorn.started", logging.DEBUG),
+        "Finished server process [%d]": ("uvicorn.finished", logging.DEBUG),
+        "Shutting down": ("uvicorn.shutting_down", logging.DEBUG),
+        "Waiting for application startup.": ("app.startup_begin", logging.DEBUG),
+        "Application startup complete.": ("app.startup_complete", logging.DEBUG),
+        "Waiting for application shutdown.": ("app.shutdown_begin", logging.DEBUG),
+        "Application shutdown complete.": ("app.shutdown_complete", logging.DEBUG),
+        "ASGI 'lifespan' protocol appears unsupported.": ("app.lifespan_unsupported", logging.INFO),
+        "Exception in ASGI application\n": ("app.exception", logging.ERROR),
+        "Exception in ASGI application": ("app.exception", logging.ERROR),
+    }
+)
+_STDLIB_EVENTS: Mapping[str, str] = MappingProxyType(
+    {
+        "uvicorn.error": "uvicorn.server",  # any other line of uvicorn's server logger
+        "uvicorn.access": "uvicorn.access",
+    }
+)
 
 
 def stdlib_event(record: logging.LogRecord) -> tuple[str, int]:

@@ -73,8 +73,8 @@ __all__ = [
     "UnixAddress",
     "WatchdogSettings",
     "WebSocketSettings",
-    "WsgiSettings",
     "WorkerSettings",
+    "WsgiSettings",
     "diff_settings",
     "iter_settings",
     "reload_policy",
@@ -85,6 +85,7 @@ __all__ = [
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _FDNAME_RE = re.compile(r"^[ -9;-~]{1,255}$")  # printable ASCII except ':' (systemd fdname rule)
 _MODE_RE = re.compile(r"^0?[0-7]{3}$")
+
 
 def _fail(kind: str, message: str) -> PydanticCustomError:
     # PydanticCustomError, so the message reaches the operator without "Value error, ".
@@ -908,4 +909,8 @@ def resolve_control_path(settings: Settings, env: Mapping[str, str], uid: int) -
     xdg = env.get("XDG_RUNTIME_DIR", "")
     if xdg:
         return str(PurePosixPath(xdg, name, "control.sock"))
-    return f"/tmp/appliance-{uid}/{instance}/control.sock" if instance else f"/tmp/appliance-{uid}/control.sock"
+    return (
+        f"/tmp/appliance-{uid}/{instance}/control.sock"
+        if instance
+        else f"/tmp/appliance-{uid}/control.sock"
+    )

@@ -45,6 +45,8 @@ def system_socket(env: Mapping[str, str]) -> str:
     (``RuntimeDirectory=appliance-NAME`` in ``appliance@.service``)."""
     instance = env.get("APPLIANCE_INSTANCE", "")
     return f"/run/appliance-{instance}/control.sock" if instance else SYSTEM_SOCKET
+
+
 MAX_CONFIG_BYTES: Final = MAX_FILE_BYTES  # the master reads no more of a file either
 """A config file larger than this is not read here (a real one is a few KiB)."""
 _MAX_DROPINS: Final = 256

@@ -134,9 +134,7 @@ class HttpProtocol(HttpToolsProtocol):
             )
 
     def _busy(self) -> bool:
-        return bool(self.pipeline) or (
-            self.cycle is not None and not self.cycle.response_complete
-        )
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -301,7 +299,9 @@ class HttpProtocol(HttpToolsProtocol):
     # --- drain ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        action = rules.drain_action(head_in_progress=self._in_head, request_in_progress=self._busy())
+        action = rules.drain_action(
+            head_in_progress=self._in_head, request_in_progress=self._busy()
+        )
         if action is Drain.FINISH:
             if self.cycle is not None:
                 self.cycle.keep_alive = False

@@ -81,9 +81,7 @@ def check_request_line(method: bytes, target_length: int, limits: HeadLimits) ->
     """
     length = len(method) + 1 + target_length + len(" HTTP/1.1")
     if length > limits.max_request_line_bytes:
-        return Reject(
-            414, f"request line longer than {limits.max_request_line_bytes} bytes"
-        )
+        return Reject(414, f"request line longer than {limits.max_request_line_bytes} bytes")
     return None
 
 
@@ -96,9 +94,7 @@ def check_field(count: int, name: bytes, value: bytes, limits: HeadLimits) -> Re
     if count > limits.max_header_fields:
         return Reject(431, f"more than {limits.max_header_fields} header fields")
     if len(name) + 2 + len(value) > limits.max_header_field_bytes:
-        return Reject(
-            431, f"a header field is longer than {limits.max_header_field_bytes} bytes"
-        )
+        return Reject(431, f"a header field is longer than {limits.max_header_field_bytes} bytes")
     return None
 
 
@@ -109,9 +105,7 @@ def check_head_bytes(received: int, limits: HeadLimits) -> Reject | None:
     return None
 
 
-def check_head(
-    version: str, method: bytes, target: bytes, names: Iterable[bytes]
-) -> Reject | None:
+def check_head(version: str, method: bytes, target: bytes, names: Iterable[bytes]) -> Reject | None:
     """The RFC 9112 rules on a complete head (``names`` lower-cased, in order)."""
     if version not in _VERSIONS:
         return Reject(505, f"HTTP/{version} is not supported; use HTTP/1.1")

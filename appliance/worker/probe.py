@@ -42,12 +42,11 @@ def probe_import(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                return (
-                    False,
+                late = (
                     f'app.target "{target}": importing did not finish within '
-                    f"{timeout_s:g}s (workers.boot_timeout_s)",
-                    time.monotonic() - started,
+                    f"{timeout_s:g}s (workers.boot_timeout_s)"
                 )
+                return False, late, time.monotonic() - started
             chunk = os.read(read_fd, _MAX_REPLY)
             if not chunk:
                 break

@@ -33,7 +33,6 @@ from appliance.control import (
     Request,
     error_reply,
     ok_reply,
-    parse_request,
     reload_ok_reply,
     reload_progress,
     scale_reply,
@@ -160,42 +159,6 @@ def _run(server: ControlServer, pool: ThreadPoolExecutor, fn: Callable[[], Any])
     future: Future[Any] = pool.submit(fn)
     step(server, future.done)
     return future.result()
-
-
-# --- parse_request ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("line", "expected"),
-    [
-        (b'{"cmd":"status"}\n', Request("status", {})),
-        (b'{"cmd": "reload"}', Request("reload", {})),
-        (b'{"cmd":"scale","workers":4}', Request("scale", {"workers": 4})),
-    ],
-)
-def test_parse_request_valid(line: bytes, expected: Request) -> None:
-    assert parse_request(line) == expected
-
-
-@pytest.mark.parametrize(
-    ("line", "needle"),
-    [
-        (b"{not json", "malformed JSON"),
-        (b"[1,2]", "expected a JSON object, got list"),
-        (b'{"workers":2}', 'missing "cmd"'),
-        (b'{"cmd":"explode"}', "unknown cmd 'explode' (known: reload, scale, status)"),
-        (b'{"cmd":"scale"}', 'scale: "workers" must be an integer >= 1 (got None)'),
-        (b'{"cmd":"scale","workers":true}', "(got True)"),
-        (b'{"cmd":"scale","workers":0}', "(got 0)"),
-        (b'{"cmd":"scale","workers":2,"x":1}', "unexpected arguments ['x']"),
-        (b'{"cmd":"status","verbose":1}', "status: takes no arguments"),
-        (b"\xff\xfe", "malformed JSON"),
-    ],
-)
-def test_parse_request_invalid(line: bytes, needle: str) -> None:
-    result = parse_request(line)
-    assert isinstance(result, BadRequest)
-    assert needle in result.error
 
 
 # --- server ----------------------------------------------------------------------------------
