@@ -42,6 +42,7 @@ __all__ = [
     "AppEnvError",
     "AppEnvironment",
     "check_findable",
+    "engine_versions",
     "enter",
     "foreign_modules",
     "parse_pyvenv_cfg",
@@ -72,6 +73,8 @@ class AppEnvironment:
     paths: tuple[str, ...] = ()  # before everything else on sys.path, in order
     site_dir: str | None = None  # the venv's site-packages (with .pth processing)
     virtualenv: str | None = None
+    #: ``include-system-site-packages = true``: the system's packages come after the venv's.
+    system_site: bool = False
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -98,6 +101,7 @@ def resolve(
 ) -> AppEnvironment:
     """Check ``app.virtualenv`` and ``app.python_path`` on disk; :class:`AppEnvError` if unusable."""
     site_dir = None
+    system_site = False
     if app.virtualenv is not None:
         venv = Path(app.virtualenv)
         cfg_path = venv / "pyvenv.cfg"
@@ -122,6 +126,9 @@ def resolve(
         if not site_path.is_dir():
             raise AppEnvError(f"app.virtualenv: {venv} has no {site_path}")
         site_dir = str(site_path)
+        system_site = (
+            parse_pyvenv_cfg(text).get("include-system-site-packages", "").lower() == "true"
+        )
     for index, path in enumerate(app.python_path):
         if not Path(path).is_dir():
             raise AppEnvError(f"app.python_path[{index}]: {path} is not a directory")
@@ -129,7 +136,11 @@ def resolve(
     if app.directory is not None:
         paths = (app.directory, *paths)
     return AppEnvironment(
-        paths=paths, site_dir=site_dir, virtualenv=app.virtualenv, env=dict(app.env)
+        paths=paths,
+        site_dir=site_dir,
+        virtualenv=app.virtualenv,
+        env=dict(app.env),
+        system_site=system_site,
     )
 
 
@@ -177,8 +188,22 @@ def foreign_modules(names: Iterable[str]) -> list[str]:
     return [name for name in names if not _is_ours(name)]
 
 
-def shadowed_engine(site_dir: str) -> dict[str, str]:
-    """Engine packages the venv has its own copy of: ``{name: version}`` from dist-info."""
+def engine_versions() -> dict[str, str]:
+    """The versions of the engine packages appliance runs with (call before :func:`enter`)."""
+    from importlib import metadata
+
+    found: dict[str, str] = {}
+    for name in ENGINE:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def shadowed_engine(site_dir: str, ours: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Engine packages the venv has its own copy of, ``{name: its version}`` from dist-info;
+    with ``ours``, only those whose version differs from appliance's."""
     found: dict[str, str] = {}
     try:
         entries = os.listdir(site_dir)
@@ -188,8 +213,9 @@ def shadowed_engine(site_dir: str) -> dict[str, str]:
         if not entry.endswith(".dist-info"):
             continue
         name, _, version = entry.removesuffix(".dist-info").partition("-")
-        if name.lower().replace("-", "_") in ENGINE:
-            found[name.lower()] = version
+        key = name.lower().replace("-", "_")
+        if key in ENGINE and (ours is None or ours.get(key) != version):
+            found[key] = version
     return found
 
 
@@ -201,6 +227,11 @@ def enter(environment: AppEnvironment) -> None:
     if environment.site_dir is not None:
         before = list(sys.path)
         site.addsitedir(environment.site_dir)  # also runs its .pth files (editable installs)
+        if environment.system_site:
+            # As the venv's own interpreter would: the base Python's packages after the venv's
+            # (on Debian, /usr/lib/python3/dist-packages and friends).
+            for path in site.getsitepackages([sys.base_prefix]):
+                site.addsitedir(path)
         added = [p for p in sys.path if p not in before]
         sys.path[:] = added + before
     for name in foreign_modules(list(sys.modules)):
@@ -211,3 +242,8 @@ def enter(environment: AppEnvironment) -> None:
         os.environ["VIRTUAL_ENV"] = environment.virtualenv
         bin_dir = os.path.join(environment.virtualenv, "bin")
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        python = os.path.join(bin_dir, "python")
+        if os.access(python, os.X_OK):
+            # What the app starts with sys.executable (multiprocessing's spawn, subprocesses)
+            # gets the app's packages, not appliance's.
+            sys.executable = python

@@ -11,6 +11,7 @@ import contextlib
 import os
 import select
 import signal
+import sys
 import time
 from typing import NoReturn
 
@@ -66,6 +67,9 @@ def _child(
 ) -> NoReturn:
     code = 1
     try:
+        # Run as root by an operator, a .pyc written here would be root's, in the app's tree,
+        # and could even be reused for a later source of the same size and mtime second.
+        sys.dont_write_bytecode = True
         appenv.enter(environment)
         try:
             import_app(target, directory)

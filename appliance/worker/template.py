@@ -83,15 +83,17 @@ def run(spec: TemplateSpec) -> NoReturn:
         log.clear_context()
         log.bind_context(pid=os.getpid(), generation=spec.generation)
         logger = log.get_logger()
+        ours = appenv.engine_versions() if spec.environment.site_dir is not None else {}
         appenv.enter(spec.environment)
         if spec.environment.site_dir is not None:
-            shadowed = appenv.shadowed_engine(spec.environment.site_dir)
+            shadowed = appenv.shadowed_engine(spec.environment.site_dir, ours)
             if shadowed:
                 logger.warning(
                     "template.engine_shadowed",
                     virtualenv=spec.environment.virtualenv,
                     packages=shadowed,
-                    message="the app's virtualenv has its own copy of these engine packages; "
+                    appliance_versions={name: ours.get(name) for name in shadowed},
+                    message="the app's virtualenv has other versions of these engine packages; "
                     "appliance serves with its own (they are shared with the app)",
                 )
         app: object = None
@@ -102,7 +104,7 @@ def run(spec: TemplateSpec) -> NoReturn:
                 check_importable(spec.app_target, spec.app_directory)
         except AppImportError as exc:
             channel.send(spec.channel, channel.BootError(str(exc)))
-            logger.error("template.boot_failed", error=str(exc))
+            logger.exception("template.import_failed", error=str(exc))
             os._exit(EXIT_BOOT_ERROR)
         # What is loaded now is shared by every worker: keep the collector off its pages.
         gc.freeze()

@@ -166,3 +166,48 @@ def test_check_app_imports_the_app_in_its_environment(workdir):
     assert out.returncode == 1
     assert "no_such_dependency_xyz" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_system_site_packages_and_sys_executable_follow_the_venv(start_master, workdir):
+    venv = workdir / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+        check=True,
+    )
+    appdir = workdir / "app"
+    appdir.mkdir()
+    (appdir / "sysapp.py").write_text(
+        "import json, sys, site\n"
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] != 'http':\n"
+        "        return\n"
+        "    body = json.dumps({'exe': sys.executable, 'path': sys.path}).encode()\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': body})\n"
+    )
+    cfg = base_config(
+        workdir, app={"target": "sysapp:app", "directory": str(appdir), "virtualenv": str(venv)}
+    )
+    m = start_master(cfg)
+    m.ready()
+    _, body = m.get("/")
+    assert body["exe"] == str(venv / "bin" / "python")
+    venv_site = str(venv / "lib" / f"python{PY}" / "site-packages")
+    base_site = [p for p in body["path"] if p.startswith(sys.base_prefix) and "-packages" in p]
+    assert venv_site in body["path"] and base_site
+    assert body["path"].index(venv_site) < body["path"].index(base_site[0])
+
+
+def test_a_venv_with_the_same_click_as_appliance_is_not_reported(start_master, workdir):
+    from importlib import metadata
+
+    venv = make_venv(workdir)
+    site = venv / "lib" / f"python{PY}" / "site-packages"
+    same = metadata.version("click")
+    (site / f"click-{same}.dist-info").mkdir()
+    (site / "uvicorn-0.1.0.dist-info").mkdir()
+    cfg = base_config(workdir, app={"virtualenv": str(venv)})
+    m = start_master(cfg)
+    m.ready()
+    (shadowed,) = m.logs.find("template.engine_shadowed")
+    assert shadowed["packages"] == {"uvicorn": "0.1.0"}
