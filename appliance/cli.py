@@ -7,6 +7,8 @@ Commands:
   status   show the running master's workers, generation and last reload
   reload   roll the pool onto the current configuration and wait for the outcome (ExecReload)
   scale    change the pool size of the running master until the next reload
+  drain    tell balancers to send nothing new (agent-check drain, readiness 503); keep serving
+  undrain  tell balancers to send connections again
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Run the master: load and validate the config, adopt the sockets systemd passed "
             "(LISTEN_FDNAMES matched to [[listen]] names) or bind them, fork the worker pool and "
-            "supervise it. SIGHUP reloads by rolling replacement, SIGTERM drains and exits, "
+            "supervise it. SIGHUP reloads by rolling replacement, SIGTERM drains and exits "
+            "(after workers.drain_delay_s, while balancers are told drain), "
             "SIGTTIN/SIGTTOU grow/shrink the pool by one."
         ),
     )
@@ -194,6 +197,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     _control_args(sc, timeout=10.0)
     sc.add_argument("workers", type=int, help="the new pool size")
+
+    d = sub.add_parser(
+        "drain",
+        help="tell balancers to send nothing new; the workers keep serving",
+        description="Change only what the running master tells balancers: the [agent] "
+        "agent-check answers drain (or maint with --maint) and http.readiness_path answers "
+        "503, while the workers keep serving every connection they get. Returns once the "
+        "master's answer has changed (the reply shows the agent-check line); draining again "
+        "is not an error. Fails while the master is stopping. Until `appliance undrain` or a "
+        "restart; a reload keeps it.",
+    )
+    _control_args(d, timeout=10.0)
+    d.add_argument(
+        "--maint",
+        action="store_true",
+        help="answer maint instead of drain: HAProxy then sends this host nothing at all, "
+        "not even on persistent sessions",
+    )
+    u = sub.add_parser(
+        "undrain",
+        help="tell balancers to send connections again",
+        description="Undo `appliance drain` (or --maint): the agent-check answers ready NN% "
+        "again and http.readiness_path 200. Returns once the master's answer has changed; "
+        "undraining a master that is not drained is not an error.",
+    )
+    _control_args(u, timeout=10.0)
     return p
 
 
@@ -391,6 +420,21 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_drain(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "drain" and args.maint:
+        request: dict[str, Any] = {"maint": True}
+    else:
+        request = {}
+    final = _converse(command, args, lambda client: iter([client.call(command, **request)]))
+    if isinstance(final, int):
+        return final
+    outcome = final.get("drain")
+    outcome = outcome if isinstance(outcome, Mapping) else {}
+    print(_one_line(outcome.get("message") or f"{command} ok"))
+    return EXIT_OK
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     # Before the heavy imports: a SIGHUP from here on is kept for the loop, not fatal.
     from appliance.master.signals import SignalPipe
@@ -415,6 +459,8 @@ _COMMANDS = {
     "status": _cmd_status,
     "reload": _cmd_reload,
     "scale": _cmd_scale,
+    "drain": _cmd_drain,
+    "undrain": _cmd_drain,
 }
 
 

@@ -71,6 +71,7 @@ def engine_settings(generation: Generation) -> EngineSettings:
         websocket_per_message_deflate=s.websocket.per_message_deflate,
         wsgi_threads=s.wsgi.threads,
         heartbeat_timeout_s=s.workers.heartbeat_timeout_s,
+        readiness_path=s.http.readiness_path,
     )
 
 
@@ -165,6 +166,17 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
         raise StartupError(
             f"appliance: control socket {control_path}: {exc.strerror or exc}"
         ) from None
+    agent = None
+    agent_address = settings.agent.parsed()
+    if agent_address is not None:
+        from appliance.agent import AgentServer
+
+        try:
+            agent = AgentServer.bind(agent_address, settings.agent.address or "")
+        except ListenError as exc:
+            control.close()
+            close_listeners(listeners)
+            raise StartupError(f"appliance: {exc}") from None
     nofile = raise_nofile_limit()
 
     target, reason = _pool_target(settings)
@@ -201,8 +213,13 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
         engine_settings=engine_settings,
         app_environment=_app_environment,
         control=control,
+        agent=agent,
         signals=signals,
-        on_exit=[lambda: close_listeners(listeners), control.close],
+        on_exit=[
+            lambda: close_listeners(listeners),
+            control.close,
+            *([agent.close] if agent is not None else []),
+        ],
     )
     master = Master(state, deps)
     logger.info(
@@ -221,6 +238,7 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
         workers=target,
         sizing=reason,
         control_socket=control_path,
+        agent=None if agent is None else agent.address(),
         watchdog_interval_s=watchdog_s,
         open_files_limit=nofile[0],
     )

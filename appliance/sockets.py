@@ -38,6 +38,7 @@ __all__ = [
     "ListenLike",
     "Listener",
     "adopt_listener",
+    "bind_agent",
     "bind_listener",
     "close_listeners",
     "remove_stale_socket",
@@ -152,6 +153,29 @@ def _bind_tcp(listen: ListenLike, address: TcpAddress) -> Listener:
         sock.close()
         raise _fail(listen, _reason(exc, tcp_port=address.port)) from exc
     return Listener(name=listen.name, sock=sock)
+
+
+def bind_agent(address: TcpAddress, text: str, backlog: int = 64) -> socket.socket:
+    """Bind the ``[agent]`` responder's TCP socket (non-blocking, SO_REUSEADDR).
+
+    Raises :class:`ListenError` with one line naming the setting, its value and the reason.
+    """
+    try:
+        family, sockaddr = _resolve(address)
+    except OSError as exc:
+        raise ListenError(f"[agent] address {text}: {_reason(exc)}") from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"[agent] address {text}: {_reason(exc, tcp_port=address.port)}") from exc
+    return sock
 
 
 def remove_stale_socket(path: str) -> None:

@@ -57,6 +57,7 @@ from appliance.config.reload import (
 )
 
 __all__ = [
+    "AgentSettings",
     "AppSettings",
     "Change",
     "Constraint",
@@ -325,6 +326,22 @@ class WorkerSettings(BaseModel):
         ),
         Reload.ROLLING,
     ] = 30.0
+    drain_delay_s: Annotated[
+        float,
+        Field(
+            strict=True,
+            allow_inf_nan=False,
+            ge=0,
+            le=3600,
+            description="Seconds the master keeps serving after SIGTERM while it already "
+            "reports `drain` to the agent-check and 503 on `http.readiness_path`, so that "
+            "balancers stop sending before the workers drain (set it to the balancer's check "
+            "interval; Kubernetes' `preStop` sleep). A second SIGTERM or SIGINT skips the "
+            "rest. Only after some worker was ever ready. Keep the unit's `TimeoutStopSec=` "
+            "above this plus `graceful_timeout_s`.",
+        ),
+        Reload.LIVE,
+    ] = 0.0
     backoff_initial_s: Annotated[
         float,
         Field(
@@ -574,6 +591,19 @@ class ListenSettings(BaseModel):
         return int(self.mode, 8)
 
 
+_PATH_RE = re.compile(r"^/[!-~]{0,255}$")
+
+
+def _check_readiness_path(value: str | None) -> str | None:
+    if value is not None and (not _PATH_RE.match(value) or "?" in value or "#" in value):
+        raise _fail(
+            "readiness_path",
+            "must start with / and be at most 256 printable ASCII characters, without "
+            "spaces, '?' or '#'",
+        )
+    return value
+
+
 class HttpSettings(BaseModel):
     """``[http]``: protocol behaviour of the serving engine."""
 
@@ -607,6 +637,20 @@ class HttpSettings(BaseModel):
         Field(strict=True, description="Log one event per request."),
         Reload.ROLLING,
     ] = False
+    readiness_path: Annotated[
+        str | None,
+        Field(
+            strict=True,
+            description="A path every worker answers itself, before the app (any method): "
+            "200 `ready` while the master is ready and not drained, 503 with `starting`, "
+            "`drained`, `maintenance` or `stopping` otherwise; for Kubernetes' "
+            "`readinessProbe`, nginx or HAProxy's `http-check`. Unset means every path "
+            "reaches the app.",
+            examples=["/-/ready"],
+        ),
+        Constraint("starts with /, printable ASCII, ≤ 256 bytes"),
+        Reload.ROLLING,
+    ] = None
     proxy_headers: Annotated[
         bool,
         Field(
@@ -695,6 +739,11 @@ class HttpSettings(BaseModel):
         ),
         Reload.ROLLING,
     ] = 30.0
+
+    @field_validator("readiness_path")
+    @classmethod
+    def _readiness_path_form(cls, value: str | None) -> str | None:
+        return _check_readiness_path(value)
 
 
 class WebSocketSettings(BaseModel):
@@ -817,6 +866,44 @@ class ControlSettings(BaseModel):
         return None if value is None else check_socket_path(value, "the control socket path")
 
 
+class AgentSettings(BaseModel):
+    """``[agent]``: the HAProxy agent-check responder the master answers itself."""
+
+    model_config = _section_config("[agent]")
+
+    address: Annotated[
+        str | None,
+        Field(
+            strict=True,
+            description="Where the master answers HAProxy's `agent-check` (HOST:PORT or "
+            "[IPV6]:PORT, TCP only): each connection gets one line and is closed: "
+            "`ready NN%` (NN = ready workers / pool size), `drain` while drained (`appliance "
+            "drain`), in the drain delay or stopping, `maint` after `appliance drain --maint`. "
+            "Unset means no responder.",
+            examples=["127.0.0.1:8099"],
+        ),
+        Constraint("HOST:PORT, port 0-65535"),
+        Reload.RESTART,
+    ] = None
+
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if isinstance(parse_address(value), UnixAddress):
+            raise _fail("agent_address", "the agent-check is TCP: expected HOST:PORT")
+        return value
+
+    def parsed(self) -> TcpAddress | None:
+        """The address as a typed value (already validated), or None when off."""
+        if self.address is None:
+            return None
+        address = parse_address(self.address)
+        assert isinstance(address, TcpAddress)
+        return address
+
+
 class LogSettings(BaseModel):
     """``[log]``: what the master and workers log, and how."""
 
@@ -864,6 +951,7 @@ class Settings(BaseModel):
     wsgi: WsgiSettings = Field(default_factory=WsgiSettings, description="[wsgi]")
     watchdog: WatchdogSettings = Field(default_factory=WatchdogSettings, description="[watchdog]")
     control: ControlSettings = Field(default_factory=ControlSettings, description="[control]")
+    agent: AgentSettings = Field(default_factory=AgentSettings, description="[agent]")
     log: LogSettings = Field(default_factory=LogSettings, description="[log]")
 
     @field_validator("listen")

@@ -1,4 +1,4 @@
-"""The control socket: ``appliance status|reload|scale`` talk to the running master.
+"""The control socket: ``appliance status|reload|scale|drain|undrain`` talk to the running master.
 
 Transport: a unix stream socket, mode 0600 (only the service user and root may connect), in
 a directory we create 0700 when it is missing. The package is split by role:
@@ -27,6 +27,7 @@ from appliance.control.protocol import (
     Request,
     bound_text,
     decode_reply,
+    drain_reply,
     encode_line,
     encode_request,
     error_reply,
@@ -58,6 +59,7 @@ __all__ = [
     "Request",
     "bound_text",
     "decode_reply",
+    "drain_reply",
     "encode_line",
     "encode_request",
     "error_reply",

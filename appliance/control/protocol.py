@@ -1,4 +1,5 @@
-"""The control protocol: every message ``appliance status|reload|scale`` and the master exchange.
+"""The control protocol: every message ``appliance status|reload|scale|drain|undrain`` and the
+master exchange.
 
 Frame format
 ------------
@@ -20,12 +21,15 @@ Messages (stable: clients in the field depend on them)
       {"cmd": "status"}
       {"cmd": "reload"}
       {"cmd": "scale", "workers": 4}
+      {"cmd": "drain"}                  {"cmd": "drain", "maint": true}
+      {"cmd": "undrain"}
 
 * Every request gets exactly one *final* reply, an object with a boolean ``"ok"``::
 
       {"ok": true, "status": {...}}                                 (status_reply)
       {"ok": true, "reload": {"generation": 3, "message": "..."}}   (reload_ok_reply)
       {"ok": true, "workers": 4}                                    (scale_reply)
+      {"ok": true, "drain": {"agent": "drain", "message": "..."}}   (drain_reply)
       {"ok": false, "error": "reason"}                              (error_reply)
 
 * Before its final reply a command may send any number of ``{"progress": {...}}`` lines;
@@ -33,6 +37,8 @@ Messages (stable: clients in the field depend on them)
   is replaced (:func:`reload_progress`). A line without ``"ok"`` is never final.
 * An unknown command, malformed JSON or a line over the limit gets
   ``{"ok": false, "error": "..."}`` and the connection stays usable.
+* ``drain`` and ``undrain`` are answered after the master's state changed, so the reply's
+  ``agent`` line is what the next agent-check (and readiness request) gets.
 * Requests on one connection are answered in order; a client may send the next request after
   the final reply of the previous one.
 
@@ -57,6 +63,7 @@ __all__ = [
     "Request",
     "bound_text",
     "decode_reply",
+    "drain_reply",
     "encode_line",
     "encode_request",
     "error_reply",
@@ -80,7 +87,7 @@ bytes (a surrogate pair as two ``\\uXXXX``), so one such string stays under 1 Mi
 a reload error of several MiB (every problem of a broken config) is cut, not fatal."""
 MAX_CLIENT_LINE = 4 << 20
 """Longest reply line the client reads: 4 times what a sane server sends, then it gives up."""
-COMMANDS = frozenset({"status", "reload", "scale"})
+COMMANDS = frozenset({"status", "reload", "scale", "drain", "undrain"})
 
 
 class ControlError(Exception):
@@ -128,6 +135,11 @@ def parse_request(line: bytes) -> Request | BadRequest:
             return BadRequest(f'scale: "workers" must be an integer >= 1 (got {workers!r})')
         if set(obj) != {"workers"}:
             return BadRequest(f"scale: unexpected arguments {sorted(set(obj) - {'workers'})}")
+    elif cmd == "drain":
+        if not isinstance(obj.get("maint", False), bool):
+            return BadRequest(f'drain: "maint" must be true or false (got {obj["maint"]!r})')
+        if set(obj) - {"maint"}:
+            return BadRequest(f"drain: unexpected arguments {sorted(set(obj) - {'maint'})}")
     elif obj:
         return BadRequest(f"{cmd}: takes no arguments (got {sorted(obj)})")
     return Request(cmd=cmd, args=obj)
@@ -223,6 +235,11 @@ def reload_progress(generation: int, replaced: int, total: int, message: str) ->
 def scale_reply(workers: int) -> dict[str, Any]:
     """Final reply to ``scale``: the new target pool size."""
     return {"ok": True, "workers": workers}
+
+
+def drain_reply(agent: str, message: str) -> dict[str, Any]:
+    """Final reply to ``drain`` / ``undrain``: the agent-check line now, and what changed."""
+    return {"ok": True, "drain": {"agent": bound_text(agent), "message": bound_text(message)}}
 
 
 # --- the client's side -----------------------------------------------------------------------

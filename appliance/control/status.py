@@ -119,6 +119,10 @@ def format_status(status: Mapping[str, Any], *, now: float | None = None) -> str
         ("config", _cell(status.get("config_digest"))),
         ("reload", _reload_line(status.get("reload"), now)),
     ]
+    balancer = status.get("balancer")
+    if isinstance(balancer, Mapping):
+        agent, readiness = _cell(balancer.get("agent")), _cell(balancer.get("readiness"))
+        header.append(("balancers", f"agent-check {agent}, readiness {readiness}"))
     started = _when(status.get("started_at_unix"), now)
     if started:
         header.insert(2, ("started", started))

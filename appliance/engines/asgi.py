@@ -35,7 +35,7 @@ import uvicorn
 import uvloop
 
 from appliance.engines import balance
-from appliance.engines.balance import LoadBoard
+from appliance.engines.balance import LoadBoard, Readiness
 from appliance.engines.h1 import HttpProtocol, ServingState, WebSocketProtocol
 from appliance.engines.wsgi import WsgiApp
 from appliance.http.rules import HeadLimits
@@ -71,6 +71,8 @@ class EngineSettings:
     websocket_per_message_deflate: bool = True
     wsgi_threads: int = 10
     heartbeat_timeout_s: float = 30.0
+    #: Answered by the worker itself, before the app (``http.readiness_path``); None: off.
+    readiness_path: str | None = None
 
     @property
     def head_limits(self) -> HeadLimits:
@@ -103,6 +105,11 @@ class _Server(uvicorn.Server):
         self._next_beat = 0.0
         #: The WSGI adapter, when the app is a WSGI app (its threads' health gates the beat).
         self.wsgi: WsgiApp | None = None
+
+    @property
+    def drain_state(self) -> ServingState:
+        """Whether (and why) this worker drains; read by the readiness path."""
+        return self._drain_state
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -202,7 +209,18 @@ def serve(
     on_loop: Callable[[], None] | None = None,
 ) -> int:
     """Run the engine until SIGTERM (drain) or the master's death; return the exit code."""
-    served = _asgi_app(app, settings)
+    inner = _asgi_app(app, settings)
+    served = inner
+    if settings.readiness_path is not None:
+        from appliance.engines.readiness import ReadinessApp
+
+        def readiness() -> Readiness:
+            # The pool's word, as the master wrote it; a worker that stops says so itself.
+            if server.drain_state.draining and server.drain_state.stopping:
+                return Readiness.STOPPING
+            return Readiness.READY if board is None else board.readiness()
+
+        served = ReadinessApp(inner, settings.readiness_path, readiness)
     config = uvicorn.Config(
         served,
         interface="asgi3",
@@ -223,8 +241,8 @@ def serve(
         server_header=False,
     )
     server = _Server(config, settings, report_fd)
-    if isinstance(served, WsgiApp):
-        server.wsgi = served
+    if isinstance(inner, WsgiApp):
+        server.wsgi = inner
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

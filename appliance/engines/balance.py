@@ -35,6 +35,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any
 
 import uvloop
@@ -49,6 +50,7 @@ __all__ = [
     "RESOURCE_ERRNOS",
     "Acceptor",
     "LoadBoard",
+    "Readiness",
     "accept_pause",
     "loop_factory",
     "may_accept",
@@ -68,10 +70,27 @@ _DEAD = 1 << 40  # a lane nobody accepts for: never the minimum
 _BATCH = 16  # most connections accepted per wake-up
 
 
+class Readiness(IntEnum):
+    """What the pool says to balancers, as the master writes it into the board's last word.
+
+    Only ``READY`` answers ``http.readiness_path`` with 200; the values are a wire format
+    between the master and its workers (which may run an older generation's code), so they
+    never change meaning.
+    """
+
+    STARTING = 0
+    READY = 1
+    DRAINED = 2
+    MAINT = 3
+    STOPPING = 4
+
+
 class LoadBoard:
     """Open-connection counts per worker *lane*, shared by the master and all workers.
 
-    Word 0 holds the number of lanes in use (the master raises it); lane ``i`` is word ``i+1``.
+    Word 0 holds the number of lanes in use (the master raises it); lane ``i`` is word ``i+1``;
+    the last word (``capacity + 1``) is the pool's :class:`Readiness`, which only the master
+    writes (:meth:`set_readiness`) and workers read on every readiness request.
     The master claims a lane for each worker it forks and releases it when the worker is
     reaped; a lane reads as dead until its worker starts accepting and after it stops.
     Single aligned 8-byte stores are atomic on the platforms we run on, and a stale read only
@@ -80,10 +99,11 @@ class LoadBoard:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._mm = mmap.mmap(-1, 8 * (capacity + 1))
+        self._mm = mmap.mmap(-1, 8 * (capacity + 2))
         self._view = memoryview(self._mm).cast("q")
         for i in range(1, capacity + 1):
             self._view[i] = _DEAD
+        self._view[capacity + 1] = Readiness.STARTING
         self._free = list(range(capacity - 1, -1, -1))
 
     # master side
@@ -104,6 +124,18 @@ class LoadBoard:
     def mark_dead(self, lane: int) -> None:
         """The worker is not accepting any more (hung, draining): do not wait for it."""
         self._view[lane + 1] = _DEAD
+
+    def set_readiness(self, readiness: Readiness) -> None:
+        self._view[self.capacity + 1] = readiness
+
+    # both sides
+    def readiness(self) -> Readiness:
+        """The pool's state as the master last wrote it (an unknown value reads as STARTING)."""
+        value = self._view[self.capacity + 1]
+        try:
+            return Readiness(value)
+        except ValueError:
+            return Readiness.STARTING
 
     # worker side
     def publish(self, lane: int, open_connections: int) -> None:

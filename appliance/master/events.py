@@ -18,6 +18,8 @@ __all__ = [
     "ApplyLive",
     "CancelSpawn",
     "ConfigRejected",
+    "DrainOutcome",
+    "DrainRequested",
     "Event",
     "Exit",
     "Generation",
@@ -160,6 +162,16 @@ class ScaleRequested:
     absolute: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DrainRequested:
+    """``appliance drain`` (``drain``; ``maint`` for ``--maint``) or ``appliance undrain``:
+    what balancers are told, nothing else (the workers keep serving)."""
+
+    request_id: int
+    drain: bool
+    maint: bool = False
+
+
 Event = (
     Tick
     | MasterStalled
@@ -174,6 +186,7 @@ Event = (
     | ReloadRequested
     | ConfigRejected
     | ScaleRequested
+    | DrainRequested
 )
 
 
@@ -255,6 +268,16 @@ class ScaleOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class DrainOutcome:
+    """Answer an ``appliance drain``/``undrain``; ``agent`` is the agent-check line now."""
+
+    request_id: int
+    ok: bool
+    agent: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Exit:
     code: int
 
@@ -269,5 +292,6 @@ Action = (
     | ReloadProgress
     | ReloadOutcome
     | ScaleOutcome
+    | DrainOutcome
     | Exit
 )

@@ -30,6 +30,8 @@ from appliance.master.events import (
     ApplyLive,
     CancelSpawn,
     ConfigRejected,
+    DrainOutcome,
+    DrainRequested,
     Event,
     Exit,
     Generation,
@@ -65,16 +67,26 @@ from appliance.master.state import (
     Worker,
     WState,
 )
-from appliance.master.views import fresh, pool_healthy, ready_fresh_slots, snapshot, status_text
+from appliance.master.views import (
+    agent_reply,
+    fresh,
+    pool_healthy,
+    readiness,
+    ready_fresh_slots,
+    snapshot,
+    status_text,
+)
 from appliance.master.workers import Report, Verdict
 
 __all__ = [
     "HANG_DUMP_GRACE_S",
     "MAX_POOL",
+    "agent_reply",
     "initial_state",
     "max_requests_for",
     "next_deadline",
     "pool_healthy",
+    "readiness",
     "respawn_delay",
     "snapshot",
     "start",
@@ -105,6 +117,8 @@ def next_deadline(state: MasterState) -> float | None:
                 candidates.append(health.next_spawn_at)
     if state.watchdog_interval_s is not None:
         candidates.append(state.watchdog_next)
+    if state.stop_at is not None and state.phase is not Phase.STOPPING:
+        candidates.append(state.stop_at)
     return min(candidates) if candidates else None
 
 
@@ -169,6 +183,8 @@ def step(state: MasterState, event: Event, now: float) -> tuple[MasterState, lis
             tx.on_rejected(rid, error, source)
         case ScaleRequested():
             tx.on_scale(event)
+        case DrainRequested():
+            tx.on_drain(event)
     return tx.finish(judge_deadlines=isinstance(event, Tick))
 
 
@@ -197,6 +213,8 @@ class _Tx:
         self.notify(systemd.status(status_text(self._frozen())))
 
     def notify_ready(self) -> None:
+        if self.s.leaving:
+            return  # STOPPING=1 was sent (the drain delay): READY=1 would take it back
         self.notify(systemd.ready())
         self.s = replace(self.s, ready_sent=True)
 
@@ -487,23 +505,40 @@ class _Tx:
 
     def on_stop(self, signal_name: str, *, force: bool) -> None:
         if self.s.phase is not Phase.STOPPING:
-            self.s = replace(self.s, phase=Phase.STOPPING, stop_started_at=self.now)
-            self.notify(systemd.stopping())
-            self.log("info", "master.stopping", signal=signal_name, workers=len(self.workers))
-            if self.s.reload is not None:
-                self.finish_reload(ok=False, message="interrupted: the master is stopping")
-            for w in list(self.workers.values()):
-                if w.state in (WState.SPAWNING, WState.BOOTING, WState.READY, WState.HUNG):
-                    self._signal(w, "SIGTERM", Cause.STOP, WState.DRAINING)
+            delay = self.s.current.settings.workers.drain_delay_s
+            if self.s.stop_at is None and not force and delay > 0 and self.s.ever_ready:
+                # Tell balancers first (agent drain, readiness 503) and keep serving while
+                # they notice; the stop itself is a deadline (see check_deadlines).
+                self.s = replace(self.s, stop_at=self.now + delay, stop_signal=signal_name)
+                self.notify(systemd.stopping())
+                self.log("info", "master.drain_delay", signal=signal_name, delay_s=delay)
+            else:
+                self.begin_stop(signal_name)
         if force:
             self.log("warning", "master.force_stop", signal=signal_name)
             for w in list(self.workers.values()):
                 if w.state is not WState.KILLED:
                     self.kill(w, Cause.STOP)
 
+    def begin_stop(self, signal_name: str) -> None:
+        """Drain every worker and exit once they are gone (after the drain delay, if any)."""
+        delayed = self.s.stop_at
+        self.s = replace(self.s, phase=Phase.STOPPING, stop_started_at=self.now, stop_at=None)
+        fields: dict[str, object] = {"signal": signal_name, "workers": len(self.workers)}
+        if delayed is None:
+            self.notify(systemd.stopping())
+        else:
+            fields["drain_delay"] = "skipped" if self.now < delayed else "served"
+        self.log("info", "master.stopping", **fields)
+        if self.s.reload is not None:
+            self.finish_reload(ok=False, message="interrupted: the master is stopping")
+        for w in list(self.workers.values()):
+            if w.state in (WState.SPAWNING, WState.BOOTING, WState.READY, WState.HUNG):
+                self._signal(w, "SIGTERM", Cause.STOP, WState.DRAINING)
+
     def on_reload(self, ev: ReloadRequested) -> None:
         phase = self.s.phase
-        if phase is Phase.STOPPING:
+        if self.s.leaving:
             self.actions.append(
                 ReloadOutcome(
                     (ev.request_id,), False, self.s.current.number, "the master is stopping"
@@ -567,7 +602,7 @@ class _Tx:
     def on_rejected(self, request_id: int, error: str, source: str) -> None:
         self.log("error", "reload.failed", error=error, source=source)
         outcome = ReloadOutcome((request_id,), False, self.s.current.number, error)
-        if self.s.phase is Phase.RUNNING and self.s.ready_sent:
+        if self.s.phase is Phase.RUNNING and self.s.ready_sent and not self.s.leaving:
             self.notify_reloading()
             self.s = replace(
                 self.s,
@@ -580,7 +615,7 @@ class _Tx:
         self.actions.append(outcome)
 
     def on_scale(self, ev: ScaleRequested) -> None:
-        if self.s.phase is Phase.STOPPING:
+        if self.s.leaving:
             self.actions.append(
                 ScaleOutcome(ev.request_id, False, self.s.target, "the master is stopping")
             )
@@ -600,6 +635,39 @@ class _Tx:
             self.log("info", "pool.scaled", workers_from=self.s.target, workers=wanted)
             self.s = replace(self.s, target=wanted)
         self.actions.append(ScaleOutcome(ev.request_id, True, wanted, f"pool size set to {wanted}"))
+
+    def on_drain(self, ev: DrainRequested) -> None:
+        """Change what balancers are told; the pool itself is left alone.
+
+        Draining while already drained (or undraining while not) is answered, not refused:
+        an operator's ``drain; upgrade; undrain`` loop must be safe to run twice.
+        """
+        if self.s.leaving:
+            self.actions.append(
+                DrainOutcome(
+                    ev.request_id,
+                    False,
+                    agent_reply(self._frozen()),
+                    "the master is stopping: balancers are told drain until it exits",
+                )
+            )
+            return
+        before = "maint" if self.s.maint else "drain" if self.s.drained else None
+        after = ("maint" if ev.maint else "drain") if ev.drain else None
+        if before == after:
+            message = f"already {'drained' if after else 'not drained'}"
+        elif after is None:
+            self.s = replace(self.s, drained=False, maint=False)
+            self.log("info", "pool.undrained", was=before)
+            message = "undrained: balancers may send new connections again"
+        else:
+            self.s = replace(self.s, drained=True, maint=after == "maint")
+            self.log("info", "pool.drained", mode=after, was=before)
+            message = "drained: balancers are told to send nothing new; the workers keep serving"
+        agent = agent_reply(self._frozen())
+        self.actions.append(
+            DrainOutcome(ev.request_id, True, agent, f"{message} (agent-check: {agent})")
+        )
 
     # -- reload bookkeeping
 
@@ -649,6 +717,9 @@ class _Tx:
     # -- deadlines and reconciliation
 
     def check_deadlines(self) -> None:
+        stop_at = self.s.stop_at
+        if stop_at is not None and stop_at <= self.now and self.s.phase is not Phase.STOPPING:
+            self.begin_stop(self.s.stop_signal or "SIGTERM")
         for w in list(self.workers.values()):
             deadline = workers.deadline(w)
             if deadline is None or deadline > self.now:

@@ -42,6 +42,8 @@ from appliance.master.events import (
     ApplyLive,
     CancelSpawn,
     ConfigRejected,
+    DrainOutcome,
+    DrainRequested,
     Event,
     Exit,
     Generation,
@@ -71,6 +73,7 @@ from appliance.worker import channel, protocol, template
 from appliance.worker import main as worker_main
 
 if TYPE_CHECKING:
+    from appliance.agent import AgentServer
     from appliance.control import ControlConn, ControlServer
     from appliance.engines.asgi import EngineSettings
     from appliance.systemd import Notifier
@@ -106,6 +109,8 @@ class MasterDeps:
     #: The app's environment for a generation (may raise AppEnvError: its spawns then fail).
     app_environment: Callable[[Generation], AppEnvironment]
     control: ControlServer | None = None
+    #: The HAProxy agent-check responder (``[agent] address``), when configured.
+    agent: AgentServer | None = None
     #: The signal pipe ``appliance serve`` set up before reading the config (else a new one).
     signals: SignalPipe | None = None
     on_exit: list[Callable[[], None]] = field(default_factory=list)
@@ -154,6 +159,7 @@ class Master:
         self.exit_code: int | None = None
         self.signals = deps.signals if deps.signals is not None else SignalPipe()
         self._control_resume_at: float | None = None
+        self._agent_resume_at: float | None = None
         self.templates: dict[int, _Template] = {}  # by generation number
         self.template_pids: dict[int, int] = {}  # pid -> generation number
         self._template_error = ""
@@ -165,6 +171,8 @@ class Master:
         self.selector.register(self.signals.read_fd, selectors.EVENT_READ, "signal")
         if deps.control is not None:
             self.selector.register(deps.control.fileno(), selectors.EVENT_READ, "control")
+        if deps.agent is not None:
+            self.selector.register(deps.agent.fileno(), selectors.EVENT_READ, "agent")
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -173,6 +181,7 @@ class Master:
         self.signals.install()
         try:
             self.state, actions = policy.start(self.state, time.monotonic())
+            self._publish_readiness()
             self._execute(actions)
             heard_at = time.monotonic()  # when the master last took in its inputs
             while self.exit_code is None:
@@ -180,8 +189,9 @@ class Master:
                 if self.exit_code is not None:
                     break
                 deadline = policy.next_deadline(self.state)
-                if self._control_resume_at is not None:
-                    deadline = min(deadline or self._control_resume_at, self._control_resume_at)
+                for resume_at in (self._control_resume_at, self._agent_resume_at):
+                    if resume_at is not None:
+                        deadline = resume_at if deadline is None else min(deadline, resume_at)
                 wait_started = time.monotonic()
                 timeout = None if deadline is None else max(0.0, deadline - wait_started)
                 ready = self.selector.select(timeout)
@@ -210,10 +220,16 @@ class Master:
             self._cleanup()
         return self.exit_code
 
+    def _publish_readiness(self) -> None:
+        """Write the pool's readiness where every worker reads it (``http.readiness_path``)."""
+        self.board.set_readiness(policy.readiness(self.state))
+
     def _drain_events(self) -> None:
         while self.pending and self.exit_code is None:
             event = self.pending.popleft()
             self.state, actions = policy.step(self.state, event, time.monotonic())
+            # Before the actions: a drain is answered only once workers see it too.
+            self._publish_readiness()
             self._execute(actions)
             self._retire_templates()
 
@@ -225,6 +241,8 @@ class Master:
             self._read_signals()
         elif tag == "control":
             self._accept_control()
+        elif tag == "agent":
+            self._answer_agent()
         # A key from this batch may be stale: an earlier key's handling (a reap) can have
         # closed its fd already, and the number may even be reused by then.
         elif isinstance(tag, _Pipe) and self.pipes.get(tag.key) is tag:
@@ -367,6 +385,26 @@ class Master:
             self._control_resume_at = None
             if control is not None:
                 self.selector.register(control.fileno(), selectors.EVENT_READ, "control")
+        agent = self.deps.agent
+        if self._agent_resume_at is not None and now >= self._agent_resume_at:
+            self._agent_resume_at = None
+            if agent is not None:
+                self.selector.register(agent.fileno(), selectors.EVENT_READ, "agent")
+
+    # --- agent-check ------------------------------------------------------------------------
+
+    def _answer_agent(self) -> None:
+        """Answer every waiting agent-check with the state as of the last step, and close."""
+        agent = self.deps.agent
+        assert agent is not None
+        try:
+            agent.answer(policy.agent_reply(self.state))
+        except OSError as exc:
+            # Out of descriptors: as for the control socket, look away for a second.
+            self.log.warning("master.agent_accept_failed", error=exc.strerror or str(exc))
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(agent.fileno())
+            self._agent_resume_at = time.monotonic() + _CONTROL_PAUSE_S
 
     def _update_conn_interest(self) -> None:
         """Watch a control connection for writability only while replies are queued."""
@@ -424,6 +462,11 @@ class Master:
                     rid = self._request_id()
                     self.waiters[rid] = conn
                     self.pending.append(ScaleRequested(rid, absolute=req.args["workers"]))
+                case "drain" | "undrain":
+                    rid = self._request_id()
+                    self.waiters[rid] = conn
+                    maint = bool(req.args.get("maint", False))
+                    self.pending.append(DrainRequested(rid, req.cmd == "drain", maint))
 
     def _status(self) -> dict[str, Any]:
         status = policy.snapshot(self.state, time.monotonic())
@@ -486,6 +529,8 @@ class Master:
                     self._answer_reload(action)
                 case ScaleOutcome():
                     self._answer_scale(action)
+                case DrainOutcome():
+                    self._answer_drain(action)
                 case Exit(code=code):
                     self.exit_code = code
 
@@ -522,6 +567,18 @@ class Master:
         if conn is not None:
             self._reply(
                 conn, scale_reply(action.workers) if action.ok else error_reply(action.message)
+            )
+
+    def _answer_drain(self, action: DrainOutcome) -> None:
+        from appliance.control import drain_reply, error_reply
+
+        conn = self.waiters.pop(action.request_id, None)
+        if conn is not None:
+            self._reply(
+                conn,
+                drain_reply(action.agent, action.message)
+                if action.ok
+                else error_reply(action.message),
             )
 
     # --- templates and spawns --------------------------------------------------------------
@@ -616,6 +673,8 @@ class Master:
             master_fds += [fd for *_rest, fd in self._queued_fds()]
             if self.deps.control is not None:
                 master_fds.append(self.deps.control.fileno())
+            if self.deps.agent is not None:
+                master_fds.append(self.deps.agent.fileno())
             master_end.close()
             self.selector.close()
             with contextlib.suppress(Exception):

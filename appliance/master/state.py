@@ -147,3 +147,16 @@ class MasterState:
     ever_ready: bool = False
     #: Why the latest boot failed, shown in STATUS= and ``appliance status`` while starting.
     last_boot_error: str | None = None
+    #: ``appliance drain``: balancers are told to send nothing new (agent ``drain``, readiness
+    #: 503) while the workers keep serving; ``maint`` (``drain --maint``) says ``maint``.
+    drained: bool = False
+    maint: bool = False
+    #: SIGTERM arrived with a drain delay: balancers are told ``drain`` and the pool keeps
+    #: serving until this moment, then it stops (``stop_signal`` names the signal).
+    stop_at: float | None = None
+    stop_signal: str | None = None
+
+    @property
+    def leaving(self) -> bool:
+        """Stopping, or about to (in the drain delay): nothing new may be started."""
+        return self.phase is Phase.STOPPING or self.stop_at is not None

@@ -8,9 +8,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from appliance.engines.balance import Readiness
 from appliance.master.state import MasterState, Phase, Worker, WState
 
-__all__ = ["fresh", "pool_healthy", "ready_fresh_slots", "snapshot", "status_text"]
+__all__ = [
+    "agent_reply",
+    "fresh",
+    "pool_healthy",
+    "readiness",
+    "ready_fresh_slots",
+    "serving_percent",
+    "snapshot",
+    "status_text",
+]
 
 
 def fresh(w: Worker, generation: int) -> bool:
@@ -47,6 +57,47 @@ def pool_healthy(state: MasterState, now: float) -> bool:
     return sum(1 for w in state.workers if _healthy(w, now)) >= need
 
 
+def readiness(state: MasterState) -> Readiness:
+    """What the pool tells balancers (the board's readiness word, the agent reply).
+
+    An operator's ``maint`` outranks everything (a host in maintenance that is also stopped
+    stays in maintenance); stopping or the drain delay outrank an operator's ``drain``; a
+    master that has not sent READY=1 yet is starting.
+    """
+    if state.maint:
+        return Readiness.MAINT
+    if state.leaving:
+        return Readiness.STOPPING
+    if state.drained:
+        return Readiness.DRAINED
+    if not state.ready_sent:
+        return Readiness.STARTING
+    return Readiness.READY
+
+
+def serving_percent(state: MasterState) -> int:
+    """Ready, accepting workers (of any generation) as a share of the pool size, 0-100.
+
+    A rolling reload may briefly have more ready workers than the target (``reload.surge``):
+    capacity is capped at 100 %. Any ready worker counts for at least 1 %.
+    """
+    serving = sum(1 for w in state.workers if w.state is WState.READY and w.accepting)
+    if serving <= 0 or state.target <= 0:
+        return 0
+    return max(1, min(100, serving * 100 // state.target))
+
+
+def agent_reply(state: MasterState) -> str:
+    """The HAProxy agent-check line (see :mod:`appliance.agent` for what the words mean)."""
+    match readiness(state):
+        case Readiness.MAINT:
+            return "maint"
+        case Readiness.STOPPING | Readiness.DRAINED:
+            return "drain"
+        case _:
+            return f"ready {serving_percent(state)}%"
+
+
 def status_text(state: MasterState) -> str:
     """The one line systemd shows (``STATUS=``) and ``appliance status`` starts with."""
     gen = state.current.number
@@ -65,6 +116,12 @@ def status_text(state: MasterState) -> str:
             text += f"; last boot failed: {state.last_boot_error}"
     if state.phase is Phase.RUNNING and state.last_reload is not None and not state.last_reload.ok:
         text += f"; reload failed: {state.last_reload.message}"
+    if state.stop_at is not None:
+        text = f"stopping after the drain delay ({state.stop_signal}): {text}"
+    elif state.maint:
+        text += "; in maintenance (balancers told maint)"
+    elif state.drained:
+        text += "; drained (balancers told drain)"
     return text
 
 
@@ -82,6 +139,12 @@ def snapshot(state: MasterState, now: float) -> dict[str, Any]:
         "status": state.status_text,
         "uptime_s": round(now - state.started_at, 3),
         "last_boot_error": state.last_boot_error,
+        # What balancers are told: the agent-check line and the readiness path's state.
+        "balancer": {
+            "agent": agent_reply(state),
+            "readiness": readiness(state).name.lower(),
+            "drained": "maint" if state.maint else "drain" if state.drained else None,
+        },
         "workers": [
             {
                 "id": w.slot,

@@ -114,7 +114,7 @@ def test_the_depth_limit_itself_is_allowed(main: Path) -> None:
     # MAX_DEPTH levels reach the schema (which explains the real mistake); one more does not.
     main.write_text(".".join(["k"] * MAX_DEPTH) + " = 1\n")
     assert _one(main) == f"{main}: k: unknown setting; valid tables: " + (
-        "app, workers, reload, listen, http, websocket, wsgi, watchdog, control, log"
+        "app, workers, reload, listen, http, websocket, wsgi, watchdog, control, agent, log"
     )
     main.write_text(".".join(["k"] * (MAX_DEPTH + 1)) + " = 1\n")
     assert _one(main).endswith(NESTING)
@@ -237,11 +237,11 @@ def test_unknown_keys_in_a_table_blame_its_file(main: Path) -> None:
     assert _problems(main) == [
         (
             f"{main}: t0: unknown setting; valid tables: app, workers, reload, listen, http, "
-            "websocket, wsgi, watchdog, control, log"
+            "websocket, wsgi, watchdog, control, agent, log"
         ),
         (
             f"{main}: t1: unknown setting; valid tables: app, workers, reload, listen, http, "
-            "websocket, wsgi, watchdog, control, log"
+            "websocket, wsgi, watchdog, control, agent, log"
         ),
     ]
 

@@ -101,7 +101,7 @@ def test_a_scalar_replacing_a_table_takes_over_its_provenance(main: Path) -> Non
         f"{site}: workers: expected a table (got 3)",
         (
             f"{main}: junk: unknown setting; valid tables: app, workers, reload, listen, http, "
-            "websocket, wsgi, watchdog, control, log"
+            "websocket, wsgi, watchdog, control, agent, log"
         ),
     ]
 

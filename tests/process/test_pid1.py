@@ -1,0 +1,84 @@
+"""``appliance serve`` as PID 1 of a container: reaps orphans, drains on SIGTERM, logs JSON.
+
+Runs the master as PID 1 of a new PID namespace (``unshare --pid --fork --mount-proc``, root
+only), as a Kubernetes pod or ``docker run`` without an init would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import APPS, Deadline, Load, base_config
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _in_namespace(ns: str) -> dict[int, tuple[str, str, int]]:
+    """pid -> (comm, state, ppid) of every process in the PID namespace ``ns``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "pid") != ns:
+                continue
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        found[int(entry.name)] = (comm, state, int(ppid))
+    return found
+
+
+def test_pid1_reaps_orphans_drains_on_sigterm_and_logs_json(start_master, workdir):
+    cfg = base_config(
+        workdir,
+        app={"target": "orphanapp:app", "directory": str(APPS)},
+        log={"format": "auto"},  # not a terminal, no journal: JSON lines
+    )
+    m = start_master(cfg, prefix=["unshare", "--pid", "--fork", "--mount-proc"])
+    started = m.started()
+    assert started["pid"] == 1
+    m.ready()
+    deadline = time.monotonic() + 10
+    while not (kids := _children(m.pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (master,) = kids  # unshare's one child: PID 1 inside
+    ns = os.readlink(f"/proc/{master}/ns/pid")
+
+    for _ in range(3):
+        assert m.get("/orphan")[0] == 200
+    seen = {p: v for p, v in _in_namespace(ns).items() if v[0] == "apl-orphan"}
+    assert len(seen) == 3
+    assert {ppid for _c, _s, ppid in seen.values()} == {master}  # re-parented to the master
+    deadline = time.monotonic() + 10
+    while any(p in _in_namespace(ns) for p in seen):  # a zombie would stay listed
+        if time.monotonic() > deadline:
+            raise Deadline(f"orphans not reaped: {_in_namespace(ns)}")
+        time.sleep(0.05)
+
+    with Load(m.port, keepalive=1, fresh=1, path="/") as load:
+        load.wait_requests(50)
+    assert load.failures == []
+    mark = m.logs.mark()
+    os.kill(master, signal.SIGTERM)  # a container runtime signals PID 1
+    m.logs.wait_for("master.stopping", since=mark, signal="SIGTERM")
+    assert m.wait(30) == 0  # unshare exits with PID 1's status
+    assert m.logs.find("master.stopped", exit_code=0)
+    lines = [line for line in m.logs.text().splitlines() if line.strip()]
+    assert lines and all(isinstance(json.loads(line), dict) for line in lines)
