@@ -5,7 +5,8 @@ Skips, with the reason printed, when not root or when namespaces/overlayfs/cgrou
 usable here. APPLIANCE_REQUIRE_SYSTEM_TESTS=1 turns those skips into failures (for CI, where
 they must run). APPLIANCE_DEB=/path/to/appliance_X_arch.deb reuses a built package instead
 of running scripts/build-deb; APPLIANCE_DEB_NEXT=... likewise for the upgrade test's N+1 (the
-same tree built as version VERSION.post1).
+same tree built as version VERSION.post1); APPLIANCE_DEB_TRIXIE=... for the Debian 13 build
+(test_trixie.py).
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ def appliance_deb_next(pytestconfig: pytest.Config, appliance_deb: Path, tmp_pat
     check = subprocess.run(["dpkg", "--compare-versions", deb_version(deb), "gt", deb_version(appliance_deb)])
     assert check.returncode == 0, f"{deb.name} is not newer than {appliance_deb.name}"
     return deb
+
+
+@pytest.fixture(scope="session")
+def appliance_deb_trixie(pytestconfig: pytest.Config, box_support, tmp_path_factory) -> Path:
+    """The package built for Debian 13: $APPLIANCE_DEB_TRIXIE, or `scripts/build-deb --release
+    trixie` once per session (on another release it builds in a cached trixie build root)."""
+    given = os.environ.get("APPLIANCE_DEB_TRIXIE")
+    if given:
+        p = Path(given).resolve()
+        assert p.is_file(), f"APPLIANCE_DEB_TRIXIE={given} does not exist"
+        return p
+    return build_deb(pytestconfig, tmp_path_factory.mktemp("deb-trixie"), "--release", "trixie")
 
 
 def new_box_dir() -> Path:
