@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from control_status_doc import STATUS  # type: ignore[import-not-found]
 
 from appliance.control import (
     MAX_LINE,
@@ -39,48 +40,6 @@ from appliance.control import (
     status_reply,
 )
 from appliance.control.protocol import MAX_REPLY_LINE
-
-STATUS: dict[str, Any] = {
-    "phase": "running",
-    "generation": 2,
-    "target": 2,
-    "ready": 2,
-    "pid": 123,
-    "config_digest": "abc123",
-    "started_at_unix": 1_700_000_000.0,
-    "workers": [
-        {
-            "id": 0,
-            "pid": 201,
-            "generation": 2,
-            "state": "ready",
-            "uptime_s": 3.2,
-            "requests": 10,
-            "in_flight": 0,
-            "rss_mb": 21.5,
-        },
-        {
-            "id": 1,
-            "pid": 202,
-            "generation": 2,
-            "state": "ready",
-            "uptime_s": 7384.0,
-            "requests": 12345,
-            "in_flight": 3,
-            "rss_mb": 22.25,
-        },
-    ],
-    "reload": {
-        "state": "idle",
-        "last": {
-            "ok": True,
-            "generation": 2,
-            "error": None,
-            "finished_unix": 1_700_000_100.0,
-            "replaced": 2,
-        },
-    },
-}
 
 Handler = Callable[[ControlConn, Request], None]
 
