@@ -9,7 +9,8 @@ in :mod:`appliance.http.rules`):
 * the RFC 9112 checks llhttp leaves to the server (505, duplicate Host, ``GET *``,
   Transfer-Encoding in HTTP/1.0);
 * trailer fields of a chunked body never become request headers (httptools reports them
-  through the same ``on_header`` callback as the head's fields);
+  through the same ``on_header`` callback as the head's fields), and the bytes of a body that
+  carry no data (a trailer field or chunk extension that never ends) are bounded like a head;
 * timeouts: an idle connection (fresh, or between requests) closes after the keep-alive
   timeout, a head must arrive within the head timeout (else 408), and a body may not stall
   longer than the body timeout;
@@ -104,6 +105,8 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._fields = 0
         self._in_body = False
+        self._body_progress = False  # body data (or a head's end) in the chunk being fed
+        self._framing_run = 0  # bytes of the body since its last data: framing, trailers
         self._body_seen_at = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
@@ -141,6 +144,7 @@ class HttpProtocol(HttpToolsProtocol):
             return  # lingering: drop what the peer still sends
         self._unset_keepalive_if_required()
         self._head_began_here = False
+        self._body_progress = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -172,6 +176,13 @@ class HttpProtocol(HttpToolsProtocol):
                     self._state.head_timeout_s, self._head_expired
                 )
         elif self._in_body:
+            # A read that carried no body data only grew llhttp's buffer of a chunk line or
+            # trailer field: bound the run of such reads like a head (the budget plus one read).
+            self._framing_run = 0 if self._body_progress else self._framing_run + len(data)
+            reject = rules.check_framing_bytes(self._framing_run, self._limits)
+            if reject is not None:
+                self._refuse_body(reject)
+                return
             self._body_seen_at = self.loop.time()
             if self._body_timer is None:
                 self._body_timer = self.loop.call_later(
@@ -233,6 +244,12 @@ class HttpProtocol(HttpToolsProtocol):
             if self._state.draining:
                 cycle.keep_alive = False
         self._in_body = True
+        self._body_progress = True
+        self._framing_run = 0
+
+    def on_body(self, body: bytes) -> None:
+        self._body_progress = True
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -261,16 +278,19 @@ class HttpProtocol(HttpToolsProtocol):
         if left > 0:
             self._body_timer = self.loop.call_later(left, self._body_expired)
             return
+        self._refuse_body(Reject(408, f"request body stalled for {timeout:g} s"))
+
+    def _refuse_body(self, reject: Reject) -> None:
+        """Refuse a request whose body is under way; the app's receive() says disconnect."""
         cycle = self.cycle
-        reason = f"request body stalled for {timeout:g} s"
         if cycle is not None:
             started = cycle.response_started
-            cycle.disconnected = True  # the app's receive() says http.disconnect
+            cycle.disconnected = True
             cycle.message_event.set()
-            if started:
+            if started:  # too late for a status: end the connection
                 self.transport.close()
                 return
-        self._refuse(Reject(408, reason))
+        self._refuse(reject)
 
     # --- refusing -------------------------------------------------------------------------
 

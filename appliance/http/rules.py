@@ -5,6 +5,8 @@ per field), with the status codes RFC 9110 has for them: 414 for a request line 
 for too many or too large header fields. The memory a rejected head may take is bounded by
 :attr:`HeadLimits.head_budget`: the largest head the limits allow, counted as bytes arrive, so
 a peer that streams a 200 MiB header field is answered after the budget, not after 200 MiB.
+The same budget bounds the bytes of a chunked body that carry no data (chunk-size lines,
+extensions, trailer fields), which llhttp also gathers before it reports them.
 
 RFC 9112 rules httptools (llhttp) does not enforce itself:
 
@@ -31,6 +33,7 @@ __all__ = [
     "HeadLimits",
     "Reject",
     "check_field",
+    "check_framing_bytes",
     "check_head",
     "check_head_bytes",
     "check_request_line",
@@ -102,6 +105,20 @@ def check_head_bytes(received: int, limits: HeadLimits) -> Reject | None:
     """431 once the bytes received for one head exceed what the limits allow in total."""
     if received > limits.head_budget:
         return Reject(431, f"request head larger than {limits.head_budget} bytes")
+    return None
+
+
+def check_framing_bytes(run: int, limits: HeadLimits) -> Reject | None:
+    """431 once ``run`` bytes of a body arrived that carried no body data.
+
+    In a chunked body such bytes are chunk-size lines, chunk extensions and the trailer
+    section, all of which llhttp gathers before it reports them: one endless trailer field or
+    chunk extension would otherwise grow without bound. The same budget as a head's applies.
+    """
+    if run > limits.head_budget:
+        return Reject(
+            431, f"chunk framing or trailer section larger than {limits.head_budget} bytes"
+        )
     return None
 
 

@@ -234,6 +234,42 @@ def test_chunked_trailer_fields_never_become_request_headers(server):
 
 
 @pytest.mark.parametrize(
+    "opening",
+    [b"5\r\nhello\r\n0\r\nX-Flood: ", b"5;ext="],
+    ids=["trailer-field", "chunk-extension"],
+)
+def test_an_endless_trailer_or_chunk_line_is_refused_without_growing_the_worker(server, opening):
+    m = server()
+    (pid,) = m.worker_pids()
+    before = _vm_hwm_kib(pid)
+    sock = socket.create_connection(("127.0.0.1", m.port), timeout=60)
+
+    def flood() -> None:
+        block = b"a" * (1 << 20)
+        try:
+            sock.sendall(
+                b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + opening
+            )
+            for _ in range(64):
+                sock.sendall(block)
+        except OSError:
+            pass  # the server closed after its answer and the linger
+
+    writer = threading.Thread(target=flood, daemon=True)
+    writer.start()
+    line, headers, body = _read_response(sock)
+    writer.join(60)
+    sock.close()
+    assert line == b"HTTP/1.1 431 Request Header Fields Too Large", body
+    assert body.startswith(b"chunk framing or trailer section larger than ")
+    assert headers["connection"] == "close"
+    assert _vm_hwm_kib(pid) - before < 8 * 1024
+    assert _exchange(m.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0] == (
+        b"HTTP/1.1 200 OK"
+    )
+
+
+@pytest.mark.parametrize(
     ("raw", "status", "reason"),
     [
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400", b"more than one Host header field\n"),

@@ -12,6 +12,7 @@ from appliance.http.rules import (
     HeadLimits,
     Reject,
     check_field,
+    check_framing_bytes,
     check_head,
     check_head_bytes,
     check_request_line,
@@ -45,13 +46,17 @@ def test_field_count_and_size():
     assert check_field(1, name, fits + b"v", LIMITS).status == 431  # type: ignore[union-attr]
 
 
-@given(
-    st.integers(64, 10_000), st.integers(1, 500), st.integers(64, 20_000), st.integers(0, 10**9)
-)
+@given(st.integers(64, 10_000), st.integers(1, 500), st.integers(64, 20_000), st.integers(0, 10**9))
 def test_head_budget_admits_every_head_within_the_limits(line, fields, field, received):
     limits = HeadLimits(line, fields, field)
     biggest_legal = line + 2 + fields * (field + 2) + 2
     assert (check_head_bytes(received, limits) is None) == (received <= biggest_legal)
+
+
+def test_framing_run_has_the_heads_budget():
+    assert check_framing_bytes(LIMITS.head_budget, LIMITS) is None
+    reject = check_framing_bytes(LIMITS.head_budget + 1, LIMITS)
+    assert reject == Reject(431, "chunk framing or trailer section larger than 823298 bytes")
 
 
 def test_head_rules():
