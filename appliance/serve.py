@@ -145,10 +145,6 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
         check_findable(resolve_app_environment(settings.app), settings.app.target)
     except AppEnvError as exc:
         raise StartupError(f"appliance: {exc}") from None
-    from appliance.engines import preload_engine
-
-    preload_engine()
-
     listeners = open_listeners(settings, dict(env), pid)
     # Workers must not see systemd's per-service variables (they would try to use them).
     systemd.scrub_env(env)

@@ -26,7 +26,6 @@ the descriptor the next accept needs.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import mmap
@@ -36,11 +35,12 @@ import socket
 import time
 from collections.abc import Callable
 from enum import IntEnum
-from typing import Any
-
-import uvloop
+from typing import TYPE_CHECKING, Any
 
 from appliance import log
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "BACKOFF_INITIAL_S",
@@ -379,6 +379,8 @@ class Acceptor:
 
 def loop_factory(board: LoadBoard, lane: int) -> Callable[[], asyncio.AbstractEventLoop]:
     """A uvloop factory whose ``create_server(sock=...)`` returns a balanced :class:`Acceptor`."""
+    import uvloop  # here, not at the top: the master uses the board and must not load the loop
+
     counter = _Counter(board, lane)
 
     class _BalancedLoop(uvloop.Loop):

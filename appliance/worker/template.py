@@ -6,8 +6,8 @@ out of ``sys.modules``, the app's virtualenv and paths in front, ``app.env`` set
 app when ``app.preload`` is on (else only checks that its module can be found), says
 ``ready``, and then forks a worker for every ``spawn`` the master sends. So:
 
-* workers of one generation share the app's memory copy-on-write, and a replacement boots in
-  milliseconds (a fork, no interpreter start);
+* workers of one generation share the engine's and the app's memory copy-on-write, and a
+  replacement boots in milliseconds (a fork: no interpreter start, no import);
 * a reload starts a new template, so new code (or a new virtualenv) is imported even with
   preload, and an import error there aborts the reload while the old workers keep serving;
 * the master itself never imports the app.
@@ -84,6 +84,11 @@ def run(spec: TemplateSpec) -> NoReturn:
         log.bind_context(pid=os.getpid(), generation=spec.generation)
         logger = log.get_logger()
         ours = appenv.engine_versions() if spec.environment.site_dir is not None else {}
+        # The engine first, from appliance's own packages: the app (and an app venv with its
+        # own uvicorn) then shares this copy, and every worker inherits it instead of
+        # importing it again after its fork.
+        from appliance.engines import asgi  # noqa: F401
+
         appenv.enter(spec.environment)
         if spec.environment.site_dir is not None:
             shadowed = appenv.shadowed_engine(spec.environment.site_dir, ours)

@@ -211,3 +211,27 @@ def test_a_venv_with_the_same_click_as_appliance_is_not_reported(start_master, w
     m.ready()
     (shadowed,) = m.logs.find("template.engine_shadowed")
     assert shadowed["packages"] == {"uvicorn": "0.1.0"}
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_the_engine_is_appliances_even_when_the_venv_has_its_own(start_master, workdir, preload):
+    # A venv whose uvicorn cannot even be imported: the engine is loaded before the app's
+    # paths are in front, so workers serve with appliance's copy (and the app shares it).
+    venv = make_venv(workdir)
+    site = venv / "lib" / f"python{PY}" / "site-packages"
+    (site / "uvicorn").mkdir()
+    (site / "uvicorn" / "__init__.py").write_text('raise ImportError("the venv\'s uvicorn")\n')
+    (site / "uvicorn-0.1.0.dist-info").mkdir()
+    cfg = base_config(
+        workdir,
+        app={
+            "target": "versions:app",
+            "directory": str(app_dir(workdir)),
+            "virtualenv": str(venv),
+            "preload": preload,
+        },
+    )
+    m = start_master(cfg)
+    m.ready()
+    _, body = m.get("/")
+    assert body["pydantic"] == "1.10.27"
