@@ -12,7 +12,7 @@ imported (in the generation's template process, see :mod:`appliance.worker.templ
 3. ``app.env`` is set, plus ``VIRTUAL_ENV`` and the venv's ``bin`` first on ``PATH`` as
    ``activate`` would, for subprocesses the app starts.
 
-Only the serving engine is shared (:data:`ENGINE`): uvicorn, uvloop, httptools, a2wsgi and what
+Only the serving engine is shared (:data:`ENGINE`): uvicorn, uvloop, httptools, websockets and what
 they import are already loaded when the app is imported, so an app venv's own copies of them
 are not used. That is reported once per generation (``app.engine_shadowed``).
 
@@ -52,7 +52,7 @@ __all__ = [
 
 #: Top-level packages of the serving engine, shared with the app (loaded before it).
 ENGINE = frozenset(
-    {"uvicorn", "uvloop", "httptools", "a2wsgi", "h11", "click", "websockets", "wsproto"}
+    {"uvicorn", "uvloop", "httptools", "h11", "click", "websockets", "wsproto"}
 )
 #: appliance's own modules a worker needs; every other ``appliance.*`` module is the master's.
 _WORKER_SIDE = ("appliance.worker", "appliance.engines", "appliance.apps")

@@ -859,15 +859,15 @@ class _Tx:
         if judge_deadlines:
             self.check_deadlines()
         self.reconcile()
-        self.watchdog()
-        state = self._frozen()
-        text = status_text(state)
-        if text != state.status_text:
-            state = replace(state, status_text=text)
+        text = status_text(self._frozen())
+        if text != self.s.status_text:
+            self.s = replace(self.s, status_text=text)
             note = Notify(systemd.status(text))
             if note not in self.actions:
                 # systemd should see the new status no later than READY=1.
                 ready = Notify(systemd.ready())
                 at = self.actions.index(ready) if ready in self.actions else len(self.actions)
                 self.actions.insert(at, note)
-        return state, self.actions
+        # After the status: a ping that a recovery allows follows the status that says so.
+        self.watchdog()
+        return self._frozen(), self.actions
