@@ -51,11 +51,9 @@ __all__ = [
 ]
 
 #: Top-level packages of the serving engine, shared with the app (loaded before it).
-ENGINE = frozenset(
-    {"uvicorn", "uvloop", "httptools", "h11", "click", "websockets", "wsproto"}
-)
+ENGINE = frozenset({"uvicorn", "uvloop", "httptools", "h11", "click", "websockets", "wsproto"})
 #: appliance's own modules a worker needs; every other ``appliance.*`` module is the master's.
-_WORKER_SIDE = ("appliance.worker", "appliance.engines", "appliance.apps")
+_WORKER_SIDE = ("appliance.worker", "appliance.engines", "appliance.http", "appliance.apps")
 _WORKER_MODULES = frozenset(
     {"appliance", "appliance.log", "appliance.journal", "appliance.importer", "appliance.appenv"}
 )

@@ -10,9 +10,11 @@ generation's template process), open the control socket, then hand over to
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,10 +46,17 @@ class StartupError(Exception):
         self.lines = lines
 
 
-def engine_settings(generation: Generation) -> EngineSettings:
+def engine_settings(generation: Generation, *, listeners: Sequence[str]) -> EngineSettings:
+    """What a generation's workers serve with; ``listeners`` names each socket, in order."""
     from appliance.engines.asgi import EngineSettings
+    from appliance.http.proxy import ProxyPolicy
 
     s = generation.settings
+    proxy = {
+        entry.name: ProxyPolicy(entry.name, entry.trusted_networks())
+        for entry in s.listen
+        if entry.proxy_protocol
+    }
     return EngineSettings(
         interface=s.app.interface,
         lifespan=s.app.lifespan,
@@ -72,6 +81,7 @@ def engine_settings(generation: Generation) -> EngineSettings:
         wsgi_threads=s.wsgi.threads,
         heartbeat_timeout_s=s.workers.heartbeat_timeout_s,
         readiness_path=s.http.readiness_path,
+        proxy=tuple(proxy.get(name) for name in listeners) if proxy else (),
     )
 
 
@@ -206,7 +216,9 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
         sockets=[listener.sock for listener in listeners],
         notifier=notifier,
         reload_config=reload_config,
-        engine_settings=engine_settings,
+        engine_settings=functools.partial(
+            engine_settings, listeners=[listener.name for listener in listeners]
+        ),
         app_environment=_app_environment,
         control=control,
         agent=agent,

@@ -165,7 +165,10 @@ def diff_settings(old: BaseModel, new: BaseModel) -> list[Change]:
 
     Table sections are compared key by key. Arrays of tables (``listen``) are compared as a
     whole under their section name, because entries have no identity beyond their position
-    and a changed socket set is one decision (restart) for the planner.
+    and a changed socket set is one decision (restart) for the planner. Except when every
+    entry stays the same socket (as many entries, none of their restart settings changed):
+    then each changed setting of an entry is its own change, ``listen[0].proxy_trusted``
+    with its own policy, so what the generated docs say about it is what a reload does.
     """
     roots = (old, new)
     changes = []
@@ -177,5 +180,29 @@ def diff_settings(old: BaseModel, new: BaseModel) -> list[Change]:
                 if a != b:
                     changes.append(_change(type(before), name, f"{section}.{name}", (a, b), roots))
         elif before != after:
-            changes.append(_change(type(old), section, section, (before, after), roots))
+            changes.extend(
+                _entry_changes(section, before, after, roots)
+                or [_change(type(old), section, section, (before, after), roots)]
+            )
+    return changes
+
+
+def _entry_changes(
+    section: str, before: object, after: object, roots: tuple[BaseModel, BaseModel]
+) -> list[Change]:
+    """Setting by setting changes of an array of tables whose entries are the same sockets;
+    empty when they are not (another length, or a changed setting that needs a restart)."""
+    if not (isinstance(before, list) and isinstance(after, list)) or len(before) != len(after):
+        return []
+    changes = []
+    for index, (a, b) in enumerate(zip(before, after, strict=True)):
+        if not (isinstance(a, BaseModel) and type(a) is type(b)):
+            return []
+        for name in type(a).model_fields:
+            x, y = getattr(a, name), getattr(b, name)
+            if x != y:
+                change = _change(type(a), name, f"{section}[{index}].{name}", (x, y), roots)
+                if change.policy is Reload.RESTART:
+                    return []
+                changes.append(change)
     return changes

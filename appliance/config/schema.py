@@ -55,6 +55,7 @@ from appliance.config.reload import (
     reload_policy,
     strictest,
 )
+from appliance.http.proxy import Network, parse_network
 
 __all__ = [
     "AgentSettings",
@@ -157,7 +158,7 @@ class AppSettings(BaseModel):
             min_length=1,
             description="The application's virtualenv: its packages are imported before "
             "appliance's own, so the app gets the versions it installed (only the serving "
-            "engine, uvicorn, uvloop, httptools and a2wsgi, is appliance's). It must be made "
+            "engine, uvicorn, uvloop and httptools, is appliance's). It must be made "
             "with the Python appliance runs on (same major.minor).",
             examples=["/srv/myapp/.venv"],
         ),
@@ -545,6 +546,30 @@ class ListenSettings(BaseModel):
         Field(strict=True, description="Set SO_REUSEPORT on a TCP socket appliance binds."),
         Reload.RESTART,
     ] = False
+    proxy_protocol: Annotated[
+        bool,
+        Field(
+            strict=True,
+            description="Every connection must begin with a PROXY protocol header (HAProxy "
+            "`send-proxy` or `send-proxy-v2`; the version is detected) from a peer in "
+            "`proxy_trusted`; its client address becomes the app's (ASGI `client`, WSGI "
+            "`REMOTE_ADDR`). A connection without a valid header, or from another peer, is "
+            "closed without an answer. On a unix socket every peer is trusted.",
+        ),
+        Reload.ROLLING,
+    ] = False
+    proxy_trusted: Annotated[
+        list[str],
+        Field(
+            strict=True,
+            description="Addresses and networks (IPv4 or IPv6, CIDR) that may send the "
+            "PROXY header on this listener, e.g. the balancers; `0.0.0.0/0` and `::/0` "
+            "trust everyone. Only used with `proxy_protocol`.",
+            examples=[["10.0.0.0/8", "fd00::/8"]],
+        ),
+        Constraint("IP addresses or networks"),
+        Reload.ROLLING,
+    ] = ["127.0.0.1", "::1"]
 
     @field_validator("name")
     @classmethod
@@ -570,6 +595,16 @@ class ListenSettings(BaseModel):
             raise _fail("listen_mode", 'expected an octal permission string such as "0660"')
         return value
 
+    @field_validator("proxy_trusted")
+    @classmethod
+    def _trusted_form(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                parse_network(item)
+            except ValueError as exc:
+                raise _fail("proxy_trusted", str(exc)) from None
+        return value
+
     @model_validator(mode="after")
     def _mode_only_for_unix(self) -> ListenSettings:
         # A mode other than the default on a TCP address is a mistake worth reporting; the
@@ -581,9 +616,28 @@ class ListenSettings(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _someone_trusted(self) -> ListenSettings:
+        # Nobody may send the header on a TCP listener: every connection would be refused.
+        if (
+            self.proxy_protocol
+            and not self.proxy_trusted
+            and not isinstance(self.parsed(), UnixAddress)
+        ):
+            raise PydanticCustomError(
+                "cross_field",
+                "is empty while proxy_protocol is true: every connection would be refused",
+                {"at": ("proxy_trusted",)},
+            )
+        return self
+
     def parsed(self) -> TcpAddress | UnixAddress:
         """The address as a typed value (already validated, so this cannot fail)."""
         return parse_address(self.address)
+
+    def trusted_networks(self) -> tuple[Network, ...]:
+        """``proxy_trusted`` as networks (already validated, so this cannot fail)."""
+        return tuple(parse_network(item) for item in self.proxy_trusted)
 
     @property
     def mode_bits(self) -> int:

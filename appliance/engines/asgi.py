@@ -1,4 +1,4 @@
-"""Serve an ASGI (or a2wsgi-wrapped WSGI) app with uvicorn on inherited listening sockets.
+"""Serve an ASGI (or, through :mod:`appliance.engines.wsgi`, a WSGI) app with uvicorn on inherited listening sockets.
 
 We use uvicorn's HTTP protocol and lifespan handling but not its process management:
 :class:`_Server` drops uvicorn's signal capture (the worker's signals are ours), reports
@@ -17,6 +17,12 @@ We use uvicorn's HTTP protocol and lifespan handling but not its process managem
 * exit when no connection is left, or at ``graceful_timeout_s``.
 
 The HTTP and WebSocket protocols themselves are in :mod:`appliance.engines.h1`.
+
+Each listening socket may have its own protocol: uvicorn creates one server per socket with
+``loop.create_server(factory, sock=sock)``, so when some listener has ``proxy_protocol``
+the worker's event loop class (uvloop's, or the balanced acceptor's) is subclassed once to
+put a :class:`~appliance.engines.h1.ProxyGate` in front of that socket's factory. Without
+such a listener the loop is exactly the one it would be otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,8 +42,9 @@ import uvloop
 
 from appliance.engines import balance
 from appliance.engines.balance import LoadBoard, Readiness
-from appliance.engines.h1 import HttpProtocol, ServingState, WebSocketProtocol
+from appliance.engines.h1 import HttpProtocol, ProxyGate, ServingState, WebSocketProtocol
 from appliance.engines.wsgi import WsgiApp
+from appliance.http.proxy import ProxyPolicy
 from appliance.http.rules import HeadLimits
 from appliance.worker import protocol
 
@@ -73,6 +80,9 @@ class EngineSettings:
     heartbeat_timeout_s: float = 30.0
     #: Answered by the worker itself, before the app (``http.readiness_path``); None: off.
     readiness_path: str | None = None
+    #: One entry per listening socket, in the order of the sockets: the PROXY protocol
+    #: policy of its listener, or None when it has no ``proxy_protocol``. Empty: none has.
+    proxy: tuple[ProxyPolicy | None, ...] = ()
 
     @property
     def head_limits(self) -> HeadLimits:
@@ -165,6 +175,8 @@ class _Server(uvicorn.Server):
             listening.close()
         for connection in list(self.server_state.connections):
             connection.shutdown()
+        for gate in list(self._drain_state.gates):
+            gate.shutdown()
         protocol.send(self._report_fd, protocol.Draining())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -264,11 +276,43 @@ def serve(
             on_loop()
         await server.serve(sockets=sockets)
 
-    factory = (
+    factory: Callable[[], asyncio.AbstractEventLoop] = (
         balance.loop_factory(board, lane)
         if settings.accept == "balanced" and board is not None and lane is not None
-        else uvloop.new_event_loop
+        else uvloop.Loop
     )
+    gated = {
+        sock.fileno(): policy
+        for sock, policy in zip(sockets, settings.proxy or [None] * len(sockets), strict=True)
+        if policy is not None
+    }
+    if gated:
+        factory = _with_proxy_gates(factory, gated, server.drain_state)
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main())
     return 0
+
+
+def _with_proxy_gates(
+    base: Callable[[], asyncio.AbstractEventLoop],
+    policies: Mapping[int, ProxyPolicy],
+    state: ServingState,
+) -> Callable[[], asyncio.AbstractEventLoop]:
+    """``base`` (a uvloop loop class), whose servers on the sockets in ``policies`` (by fd)
+    read a PROXY header first; every other socket gets uvicorn's factory unchanged."""
+    assert isinstance(base, type) and issubclass(base, uvloop.Loop)
+
+    class _ProxyLoop(base):  # type: ignore[misc, valid-type]  # a class chosen at run time
+        async def create_server(
+            self, protocol_factory: Any, *args: Any, sock: Any = None, **kw: Any
+        ) -> Any:
+            policy = None if sock is None else policies.get(sock.fileno())
+            if policy is None:
+                return await super().create_server(protocol_factory, *args, sock=sock, **kw)
+
+            def gate() -> asyncio.Protocol:
+                return ProxyGate(protocol_factory, policy, state)
+
+            return await super().create_server(gate, *args, sock=sock, **kw)
+
+    return _ProxyLoop

@@ -20,7 +20,14 @@ in :mod:`appliance.http.rules`):
   peer reads our answer instead of a TCP reset caused by its own unread bytes;
 * the connection counter of the balanced acceptor follows a connection into the WebSocket
   protocol after an upgrade, and bytes the client sent right behind its upgrade request are
-  passed on instead of dropped.
+  passed on instead of dropped; so do the client and server addresses (and the scheme) a
+  PROXY header set.
+
+:class:`ProxyGate` is the first protocol of every connection on a listener with
+``proxy_protocol``: it reads the PROXY header (:mod:`appliance.http.proxy` decides), then
+hands the connection to :class:`HttpProtocol` with the header's addresses, and steps out of
+the way; a connection without a valid header from a trusted peer is closed without an answer.
+Other listeners never see it, so their reads cost exactly what they did.
 
 :class:`WebSocketProtocol` (uvicorn's websockets sans-I/O protocol) closes with a real closing
 handshake when the worker drains: a close frame with 1012 (replaced) or 1001 (stopping), then
@@ -30,6 +37,8 @@ the TCP connection ends once the client answered, never with a reset.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -38,13 +47,14 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
-from appliance.http import rules
+from appliance import log
+from appliance.http import proxy, rules
 from appliance.http.rules import Drain, HeadLimits, Reject
 
 if TYPE_CHECKING:
     from uvicorn.config import Config
 
-__all__ = ["LINGER_S", "HttpProtocol", "ServingState", "WebSocketProtocol"]
+__all__ = ["LINGER_S", "HttpProtocol", "ProxyGate", "ServingState", "WebSocketProtocol"]
 
 #: How long a refused connection keeps reading (and dropping) what the peer still sends
 #: after our answer, before it closes. Closing a socket with unread bytes makes the kernel
@@ -69,6 +79,9 @@ class ServingState(ServerState):
         self.draining = False
         #: Draining because the server stops (not because this worker is replaced).
         self.stopping = False
+        #: Connections still reading their PROXY header (not yet in ``connections``).
+        self.gates: set[ProxyGate] = set()
+        self.proxy_rejections = proxy.RejectLog()
 
 
 class _Refused(Exception):
@@ -359,6 +372,11 @@ class HttpProtocol(HttpToolsProtocol):
             lines += [name, b": ", value, b"\r\n"]
         lines.append(b"\r\n")
         ws.connection_made(self.transport)
+        if isinstance(ws, WebSocketsSansIOProtocol):
+            # What a PROXY header said (else the same values ws took from the transport).
+            ws.client, ws.server = self.client, self.server
+            if self.scheme == "https":
+                ws.scheme = "wss"
         self.transport.set_protocol(ws)
         ws.data_received(b"".join(lines) + rest)
 
@@ -406,3 +424,139 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if self._drained:
             raise ClientDisconnected  # the app learns it through receive(); stop sending
         await super().send(message)
+
+
+class ProxyGate(asyncio.Protocol):
+    """Reads the PROXY header of a connection, then hands it to the HTTP protocol.
+
+    ``inner`` makes the HTTP protocol (uvicorn's factory for the listener). The gate refuses
+    a peer outside ``proxy_trusted`` at once, and a header that is malformed, missing (the
+    first bytes are not one) or not complete within ``http.request_head_timeout_s``: the
+    connection is closed without an answer (a balancer expects none), and the source is
+    logged as ``worker.proxy_rejected`` at most once a minute. A header that arrived is
+    consumed, the HTTP protocol takes the transport with the header's addresses, and bytes
+    behind the header in the same read are its first.
+
+    A drain closes connections still in their header, like a half-read request head.
+    """
+
+    def __init__(
+        self,
+        inner: Callable[[], asyncio.Protocol],
+        policy: proxy.ProxyPolicy,
+        state: ServingState,
+    ) -> None:
+        self._inner = inner
+        self._policy = policy
+        self._state = state
+        self._buffer = b""
+        self._peer: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        # A unix socket's peer has no address ('' or None): trusted, see proxy.is_trusted.
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        if not self._policy.trusts(self._peer):
+            self._refuse("the peer is not in proxy_trusted")
+            return
+        self._state.gates.add(self)
+        timeout = self._state.head_timeout_s
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._expired, timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        buffer = self._buffer + data if self._buffer else data
+        result = proxy.parse(buffer)
+        if isinstance(result, proxy.NeedMore):
+            self._buffer = buffer  # bounded: parse refuses what grows past a header's size
+        elif isinstance(result, proxy.Invalid):
+            self._refuse(result.reason)
+        else:
+            self._hand_over(result, buffer[result.consumed :])
+
+    def eof_received(self) -> bool | None:
+        if self._buffer and not self._done:  # silence before any byte: a balancer's TCP check
+            self._refuse(
+                f"the connection ended within the PROXY header ({len(self._buffer)} bytes)"
+            )
+        return None  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def shutdown(self) -> None:
+        """Drain: a connection that has not even sent its header is closed at once."""
+        self._finish()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._buffer = b""
+        self._state.gates.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self, timeout: float) -> None:
+        self._timer = None
+        if not self._done:
+            self._refuse(f"no PROXY header within {timeout:g} s")
+
+    def _refuse(self, reason: str) -> None:
+        self._finish()
+        source = self._peer if self._peer is not None else "unix"
+        suppressed = self._state.proxy_rejections.note(source, time.monotonic())
+        if suppressed is not None:
+            log.get_logger().warning(
+                "worker.proxy_rejected",
+                source=source,
+                listener=self._policy.listener,
+                reason=reason,
+                suppressed=suppressed,
+            )
+        if self.transport is not None:
+            self.transport.close()
+
+    def _hand_over(self, header: proxy.ProxyHeader, rest: bytes) -> None:
+        self._finish()
+        transport = self.transport
+        assert transport is not None
+        inner = self._inner()
+        # The acceptor counts this connection through *our* connection_lost (it may have
+        # wrapped it); the transport now reports to the HTTP protocol, so chain ours behind.
+        inner_lost, ours = inner.connection_lost, self.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            try:
+                inner_lost(exc)
+            finally:
+                ours(exc)
+
+        inner.connection_lost = connection_lost  # type: ignore[method-assign]
+        inner.connection_made(transport)
+        if isinstance(inner, HttpToolsProtocol):
+            _relay(inner, header)
+        transport.set_protocol(inner)
+        if rest:
+            inner.data_received(rest)
+
+
+def _relay(protocol: HttpToolsProtocol, header: proxy.ProxyHeader) -> None:
+    """Give the HTTP protocol the header's view of the connection (ASGI client, server)."""
+    source, destination = header.source, header.destination
+    if isinstance(source, proxy.InetEndpoint):
+        protocol.client = (source.host, source.port)
+    elif isinstance(source, proxy.UnixEndpoint):
+        protocol.client = None  # what uvicorn says for a unix socket's peer
+    if isinstance(destination, proxy.InetEndpoint):
+        protocol.server = (destination.host, destination.port)
+    elif isinstance(destination, proxy.UnixEndpoint):
+        protocol.server = (destination.path, None)
+    if header.tls:
+        protocol.scheme = "https"

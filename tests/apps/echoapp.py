@@ -7,6 +7,10 @@
   body's length.
 * ``/seen``: what earlier requests on this worker recorded (WebSocket disconnect codes,
   bodies that ended in a disconnect).
+* Every HTTP answer and, on a WebSocket, the first message when the path is ``/ws-client``
+  include ``client``, ``server`` and ``scheme`` from the scope (PROXY protocol tests).
+* ``wsgi_app``: a WSGI app answering ``REMOTE_ADDR``, ``REMOTE_PORT``, ``SERVER_NAME``,
+  ``SERVER_PORT`` and ``wsgi.url_scheme`` as JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ async def _websocket(scope, receive, send) -> None:
     message = await receive()
     assert message["type"] == "websocket.connect"
     await send({"type": "websocket.accept"})
+    if scope["path"] == "/ws-client":
+        await send({"type": "websocket.send", "text": json.dumps(_addresses(scope))})
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
@@ -45,6 +51,27 @@ async def _websocket(scope, receive, send) -> None:
             await send({"type": "websocket.send", "text": message["text"]})
         else:
             await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+
+def _addresses(scope) -> dict[str, object]:
+    return {"client": scope.get("client"), "server": scope.get("server"), "scheme": scope["scheme"]}
+
+
+def wsgi_app(environ, start_response):
+    body = json.dumps(
+        {
+            "pid": os.getpid(),
+            **{
+                key: environ.get(key)
+                for key in ("REMOTE_ADDR", "REMOTE_PORT", "SERVER_NAME", "SERVER_PORT")
+            },
+            "scheme": environ["wsgi.url_scheme"],
+        }
+    ).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
 
 
 async def app(scope, receive, send):
@@ -61,7 +88,7 @@ async def app(scope, receive, send):
         return
     path = scope["path"]
     if path == "/seen":
-        await _json(send, 200, {"pid": os.getpid(), **_SEEN})
+        await _json(send, 200, {"pid": os.getpid(), **_SEEN, **_addresses(scope)})
         return
     size = 0
     while True:
@@ -82,5 +109,6 @@ async def app(scope, receive, send):
             "http_version": scope["http_version"],
             "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
             "body_bytes": size,
+            **_addresses(scope),
         },
     )
