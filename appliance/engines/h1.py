@@ -16,6 +16,8 @@ in :mod:`appliance.http.rules`):
   longer than the body timeout;
 * a drain that finishes requests in progress, closes connections with half a head at once
   and lets idle ones take their next request (answered with ``Connection: close``);
+* the writes of a response made in one loop iteration (its head and a short body) go out
+  in one system call, not one per write (:class:`_Corked`);
 * a refused connection half-closes and keeps reading (and discarding) for a moment, so the
   peer reads our answer instead of a TCP reset caused by its own unread bytes;
 * the connection counter of the balanced acceptor follows a connection into the WebSocket
@@ -84,6 +86,58 @@ class ServingState(ServerState):
         self.proxy_rejections = proxy.RejectLog()
 
 
+class _Corked:
+    """A connection's transport as its responses see it: the writes of one loop iteration
+    go out in one ``write``, so a response's head and body cost one system call, not two.
+
+    The first write is held and a flush scheduled at the end of the loop's iteration; more
+    than ``CORK_LIMIT`` held bytes, a close, or that flush writes them. Everything else is
+    the transport's.
+    """
+
+    __slots__ = ("_held", "_loop", "_size", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if len(data) > CORK_LIMIT:  # a large body: no copy, and the transport's flow control
+            self.flush()
+            self._transport.write(data)
+            return
+        held = self._held
+        if not held:
+            self._loop.call_soon(self.flush)
+        held.append(data)
+        self._size += len(data)
+        if self._size > CORK_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        held = self._held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        held.clear()
+        self._size = 0
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+#: Most bytes a connection holds back to join with the next write of the same iteration.
+CORK_LIMIT = 16 * 1024
+
+
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing; the protocol answers ``_reject``."""
 
@@ -125,6 +179,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._reject: Reject | None = None
         self._refused = False
+        self._cork: _Corked | None = None
 
     # --- connection ---------------------------------------------------------------------
 
@@ -251,6 +306,10 @@ class HttpProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle
         if cycle is not None:
+            cork = self._cork
+            if cork is None:
+                cork = self._cork = _Corked(self.transport, self.loop)
+            cycle.transport = cork  # type: ignore[assignment]  # the transport's interface
             # For the WSGI adapter: stop iterating a response nobody receives.
             scope: Any = self.scope  # HTTPScope types "extensions" too narrowly for this
             scope["extensions"] = {"appliance.disconnected": lambda: cycle.disconnected}
@@ -301,6 +360,7 @@ class HttpProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
             if started:  # too late for a status: end the connection
+                self._flush()
                 self.transport.close()
                 return
         self._refuse(reject)
@@ -312,6 +372,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._refused = True
         self._in_head = self._in_body = False
         self._cancel_timers()
+        self._flush()
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True
             self.cycle.message_event.set()
@@ -325,6 +386,11 @@ class HttpProtocol(HttpToolsProtocol):
             self.loop.call_later(LINGER_S, transport.close)
         else:
             transport.close()
+
+    def _flush(self) -> None:
+        """Write what the cork holds before we write or close on the transport directly."""
+        if self._cork is not None:
+            self._cork.flush()
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(Reject(400, msg))
@@ -342,6 +408,7 @@ class HttpProtocol(HttpToolsProtocol):
                 cycle.keep_alive = False
         elif action is Drain.CLOSE:
             self._cancel_timers()
+            self._flush()
             self.transport.close()
         # Drain.WAIT: the next request is answered with "Connection: close"
         # (on_headers_complete), or the idle timeout ends the connection.
@@ -351,6 +418,7 @@ class HttpProtocol(HttpToolsProtocol):
     def _upgrade(self, rest: bytes) -> None:
         """Hand the connection to the WebSocket protocol, with its counter and its bytes."""
         self._cancel_timers()
+        self._flush()
         self._in_head = self._in_body = False
         self.connections.discard(self)
         ws = self.ws_protocol_class(  # type: ignore[call-arg, misc]
