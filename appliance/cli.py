@@ -441,11 +441,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     signals = SignalPipe()
     signals.install_early()
+    # The first template imports the engine on the other core while we read the config.
+    from appliance.worker.template import prefork
+
+    pretemplate = prefork()
     from appliance.serve import StartupError, serve
 
     path, explicit = _config_path(args)
     try:
-        return serve(path, explicit=explicit, signals=signals)
+        return serve(path, explicit=explicit, signals=signals, pretemplate=pretemplate)
     except StartupError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)

@@ -33,7 +33,8 @@ from appliance.sizing import size_pool
 from appliance.sockets import Listener, ListenError, adopt_listener, bind_listener, close_listeners
 
 if TYPE_CHECKING:
-    from appliance.engines.asgi import EngineSettings
+    from appliance.engines.settings import EngineSettings
+    from appliance.worker.template import PreTemplate
 
 __all__ = ["StartupError", "engine_settings", "open_listeners", "raise_nofile_limit", "serve"]
 
@@ -48,7 +49,7 @@ class StartupError(Exception):
 
 def engine_settings(generation: Generation, *, listeners: Sequence[str]) -> EngineSettings:
     """What a generation's workers serve with; ``listeners`` names each socket, in order."""
-    from appliance.engines.asgi import EngineSettings
+    from appliance.engines.settings import EngineSettings
     from appliance.http.proxy import ProxyPolicy
 
     s = generation.settings
@@ -134,7 +135,13 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> int:
+def serve(
+    path: Path,
+    *,
+    explicit: bool,
+    signals: SignalPipe | None = None,
+    pretemplate: PreTemplate | None = None,
+) -> int:
     try:
         loaded = load_config(path, explicit=explicit)
     except ConfigError as exc:
@@ -223,6 +230,7 @@ def serve(path: Path, *, explicit: bool, signals: SignalPipe | None = None) -> i
         control=control,
         agent=agent,
         signals=signals,
+        pretemplate=pretemplate,
         on_exit=[
             lambda: close_listeners(listeners),
             control.close,

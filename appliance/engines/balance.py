@@ -8,7 +8,7 @@ which is a coin toss at low connection counts and strands queued connections whe
 exits during a reload; a master-side hand-off costs ~16 µs of master CPU per connection.
 
 So each worker runs its own acceptor and the workers agree through a :class:`LoadBoard`, one
-int64 per worker in anonymous shared memory made by the master before forking: a worker
+int64 per worker in shared memory (a memfd) made by the master before forking: a worker
 accepts only while it has no more open connections than the least loaded other worker. A
 worker that is not the least loaded looks again on the next loop iteration, and accepts
 anyway after ``MAX_DEFER_S`` so that a stuck peer can never stall accepting.
@@ -97,13 +97,28 @@ class LoadBoard:
     costs a slightly less even split, never correctness.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, fd: int | None = None) -> None:
+        """A new board (the master), or with ``fd`` the one another process made.
+
+        The memory is a memfd, so a process that was not forked after the board was made
+        (the pre-forked first template, see :mod:`appliance.worker.template`) can map it from
+        a descriptor passed to it. ``fd`` stays open as long as the board lives.
+        """
         self.capacity = capacity
-        self._mm = mmap.mmap(-1, 8 * (capacity + 2))
+        size = 8 * (capacity + 2)
+        if fd is None:
+            fd = os.memfd_create("appliance-board", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            fresh = True
+        else:
+            fresh = False
+        self.fd = fd
+        self._mm = mmap.mmap(fd, size)
         self._view = memoryview(self._mm).cast("q")
-        for i in range(1, capacity + 1):
-            self._view[i] = _DEAD
-        self._view[capacity + 1] = Readiness.STARTING
+        if fresh:
+            for i in range(1, capacity + 1):
+                self._view[i] = _DEAD
+            self._view[capacity + 1] = Readiness.STARTING
         self._free = list(range(capacity - 1, -1, -1))
 
     # master side

@@ -75,7 +75,7 @@ from appliance.worker import main as worker_main
 if TYPE_CHECKING:
     from appliance.agent import AgentServer
     from appliance.control import ControlConn, ControlServer
-    from appliance.engines.asgi import EngineSettings
+    from appliance.engines.settings import EngineSettings
     from appliance.systemd import Notifier
 
 __all__ = ["Master", "MasterDeps"]
@@ -113,6 +113,8 @@ class MasterDeps:
     agent: AgentServer | None = None
     #: The signal pipe ``appliance serve`` set up before reading the config (else a new one).
     signals: SignalPipe | None = None
+    #: The first template, forked before the config was read (used once, then None).
+    pretemplate: template.PreTemplate | None = None
     on_exit: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -631,6 +633,11 @@ class Master:
         except AppEnvError as exc:
             self._template_error = str(exc)
             return None
+        pre, self.deps.pretemplate = self.deps.pretemplate, None
+        if pre is not None:
+            tpl = self._hand_to_pretemplate(pre, generation, environment)
+            if tpl is not None:
+                return tpl
         try:
             master_end, template_end = channel.pair()
         except OSError as exc:
@@ -649,13 +656,35 @@ class Master:
         if pid == 0:
             self._become_template(generation, environment, master_end, template_end)
         template_end.close()
+        return self._track_template(generation, pid, master_end)
+
+    def _track_template(
+        self, generation: Generation, pid: int, master_end: socket.socket, **fields: Any
+    ) -> _Template:
         master_end.setblocking(False)
         tpl = _Template(generation.number, pid, master_end, time.monotonic())
         self.templates[generation.number] = tpl
         self.template_pids[pid] = generation.number
         self.selector.register(master_end.fileno(), selectors.EVENT_READ, tpl)
-        self.log.info("template.started", generation=generation.number, pid=pid)
+        self.log.info("template.started", generation=generation.number, pid=pid, **fields)
         return tpl
+
+    def _hand_to_pretemplate(
+        self, pre: template.PreTemplate, generation: Generation, environment: AppEnvironment
+    ) -> _Template | None:
+        """Make the pre-forked template this generation's (None: fork one instead)."""
+        try:
+            spec = self._template_spec(generation, environment, pre.sock, close_fds=())
+            handed = template.hand_over(pre, spec, os.environ)
+        except Exception as exc:  # noqa: BLE001 - e.g. a setting that does not pickle
+            handed, reason = False, f"{type(exc).__name__}: {exc}"
+        else:
+            reason = "it is gone"
+        if not handed:
+            pre.sock.close()  # it exits at EOF; its exit is reaped as a stray child
+            self.log.warning("template.prefork_unused", pid=pre.pid, reason=reason)
+            return None
+        return self._track_template(generation, pre.pid, pre.sock, preforked=True)
 
     def _become_template(
         self,
@@ -665,7 +694,6 @@ class Master:
         template_end: socket.socket,
     ) -> NoReturn:
         try:
-            settings = generation.settings
             master_fds = [self.signals.read_fd, self.signals.write_fd, self._alive_w]
             master_fds += [p.fd for p in self.pipes.values()]
             master_fds += list(self.conns)
@@ -679,25 +707,35 @@ class Master:
             self.selector.close()
             with contextlib.suppress(Exception):
                 self.deps.notifier.close()
-            spec = template.TemplateSpec(
-                generation=generation.number,
-                config_digest=generation.digest,
-                app_target=settings.app.target,
-                app_directory=settings.app.directory,
-                preload=settings.app.preload,
-                environment=environment,
-                sockets=tuple(self.deps.sockets),
-                engine=self.deps.engine_settings(generation),
-                log_level=settings.log.level,
-                log_format=settings.log.format,
-                alive_fd=self._alive_r,
-                board=self.board,
-                channel=template_end,
-                close_fds=tuple(master_fds),
-            )
+            spec = self._template_spec(generation, environment, template_end, tuple(master_fds))
         except BaseException:  # noqa: BLE001 - never return into the master's loop
             os._exit(worker_main.EXIT_CRASH)
         template.run(spec)
+
+    def _template_spec(
+        self,
+        generation: Generation,
+        environment: AppEnvironment,
+        template_end: socket.socket,
+        close_fds: tuple[int, ...],
+    ) -> template.TemplateSpec:
+        settings = generation.settings
+        return template.TemplateSpec(
+            generation=generation.number,
+            config_digest=generation.digest,
+            app_target=settings.app.target,
+            app_directory=settings.app.directory,
+            preload=settings.app.preload,
+            environment=environment,
+            sockets=tuple(self.deps.sockets),
+            engine=self.deps.engine_settings(generation),
+            log_level=settings.log.level,
+            log_format=settings.log.format,
+            alive_fd=self._alive_r,
+            board=self.board,
+            channel=template_end,
+            close_fds=close_fds,
+        )
 
     def _queued_fds(self) -> list[tuple[int, int, int | None, int]]:
         return [item for t in self.templates.values() for item in t.queued]

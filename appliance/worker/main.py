@@ -22,8 +22,8 @@ from appliance.importer import AppImportError, import_app
 from appliance.worker import info, protocol
 
 if TYPE_CHECKING:
-    from appliance.engines.asgi import EngineSettings
     from appliance.engines.balance import LoadBoard
+    from appliance.engines.settings import EngineSettings
 
 __all__ = ["EXIT_BOOT_ERROR", "EXIT_CRASH", "EXIT_OK", "WorkerSpec", "run"]
 

@@ -12,6 +12,13 @@ app when ``app.preload`` is on (else only checks that its module can be found), 
   preload, and an import error there aborts the reload while the old workers keep serving;
 * the master itself never imports the app.
 
+The first generation's template is *pre-forked* (:func:`prefork`): ``appliance serve`` forks
+it before it imports anything heavy, so the template imports the engine on the other core
+while the master reads and validates the config; the master then hands it its spec
+(:func:`hand_over`: the spec pickled, its descriptors by ``SCM_RIGHTS``) instead of forking.
+Later generations' templates are forked from the master. A pre-forked template that cannot
+be used (it died, the hand-over failed) is dropped and the master forks one as usual.
+
 Each worker is forked through a short-lived middle process that exits at once: the worker is
 re-parented to the master (a child subreaper), which reaps it, learns its exit status and
 signals it exactly as if it had forked it itself. The template is not the workers' parent and
@@ -20,13 +27,17 @@ may exit (on EOF from the master) while they serve.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import gc
 import os
+import pickle
+import resource
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn
 
 from appliance import appenv, log
@@ -35,10 +46,10 @@ from appliance.worker import channel
 from appliance.worker import main as worker_main
 
 if TYPE_CHECKING:
-    from appliance.engines.asgi import EngineSettings
     from appliance.engines.balance import LoadBoard
+    from appliance.engines.settings import EngineSettings
 
-__all__ = ["EXIT_BOOT_ERROR", "TemplateSpec", "run"]
+__all__ = ["EXIT_BOOT_ERROR", "PreTemplate", "TemplateSpec", "hand_over", "prefork", "run"]
 
 EXIT_BOOT_ERROR = 3
 
@@ -61,6 +72,130 @@ class TemplateSpec:
     board: LoadBoard | None
     channel: socket.socket
     close_fds: tuple[int, ...]  # the master's descriptors this process must not keep
+
+
+@dataclass(frozen=True, slots=True)
+class PreTemplate:
+    """The master's handle on the pre-forked first template (see :func:`prefork`)."""
+
+    pid: int
+    sock: socket.socket  # the master's end of what becomes the template's channel
+
+
+#: Most descriptors a hand-over carries: the listening sockets, the alive pipe, the board.
+_MAX_FDS = 250
+_MAX_SPEC = 1 << 20
+
+
+def prefork() -> PreTemplate | None:
+    """Fork the process that will become the first generation's template (None if the fork
+    fails: the master then forks the template itself, later).
+
+    Call it before importing anything heavy: the child resets what the master set up, imports
+    the engine and waits for :func:`hand_over`. At EOF (the master never needed it, or died)
+    it exits quietly.
+    """
+    try:
+        master_end, template_end = channel.pair()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        master_end.close()
+        template_end.close()
+        return None
+    if pid == 0:
+        master_end.close()
+        _await_spec(template_end)
+    template_end.close()
+    return PreTemplate(pid, master_end)
+
+
+def _await_spec(sock: socket.socket) -> NoReturn:
+    code = 0
+    try:
+        _reset_signals()
+        # Nothing the master opened is ours (its stdin, stdout and stderr aside): what the
+        # template needs comes with the spec.
+        os.closerange(3, sock.fileno())
+        os.closerange(sock.fileno() + 1, _max_fd())
+        from appliance.engines import asgi  # noqa: F401  # the work this process exists for
+
+        spec = _receive_spec(sock)
+        if spec is not None:
+            run(spec)
+    except BaseException:  # noqa: BLE001 - never return into the master's code
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _max_fd() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 16
+
+
+def hand_over(pre: PreTemplate, spec: TemplateSpec, environ: Mapping[str, str]) -> bool:
+    """Give the pre-forked template its spec; False if it cannot take it (it then exits at
+    EOF once the master closes ``pre.sock``).
+
+    ``environ`` is the environment a template forked by the master now would inherit (the
+    master's, without systemd's variables), and the template takes the master's file
+    descriptor limit with it, as a fork would.
+    """
+    board = spec.board
+    fds = [s.fileno() for s in spec.sockets] + [spec.alive_fd]
+    if board is not None:
+        fds.append(board.fd)
+    if len(fds) > _MAX_FDS:
+        return False
+    wire = replace(spec, sockets=(), board=None, channel=None, alive_fd=-1, close_fds=())  # type: ignore[arg-type]
+    payload = pickle.dumps(
+        (
+            wire,
+            len(spec.sockets),
+            None if board is None else board.capacity,
+            dict(environ),
+            resource.getrlimit(resource.RLIMIT_NOFILE),
+        )
+    )
+    if len(payload) > _MAX_SPEC:
+        return False
+    try:
+        pre.sock.sendmsg(
+            [payload],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+            socket.MSG_NOSIGNAL,
+        )
+    except OSError:
+        return False
+    return True
+
+
+def _receive_spec(sock: socket.socket) -> TemplateSpec | None:
+    from appliance.engines.balance import LoadBoard
+
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(_MAX_SPEC, socket.CMSG_SPACE(_MAX_FDS * 4))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if not data:
+        return None  # EOF: the master did not need us
+    # The master that forked us wrote it (a pickle is only ever read from that channel).
+    wire, n_sockets, capacity, environ, nofile = pickle.loads(data)
+    if not isinstance(wire, TemplateSpec):
+        return None
+    os.environ.clear()
+    os.environ.update(environ)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+    sockets = tuple(socket.socket(fileno=fd) for fd in fds[:n_sockets])
+    rest = list(fds[n_sockets:])
+    alive_fd = rest[0]
+    board = LoadBoard(capacity, fd=rest[1]) if capacity is not None else None
+    return replace(wire, sockets=sockets, alive_fd=alive_fd, board=board, channel=sock)
 
 
 def _reset_signals() -> None:

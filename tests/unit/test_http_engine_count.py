@@ -32,7 +32,7 @@ def _wait_value(board: LoadBoard, lane: int, want: int) -> None:
 def test_websocket_connection_is_counted_until_it_closes():
     import echoapp
 
-    from appliance.engines.asgi import EngineSettings
+    from appliance.engines.settings import EngineSettings
 
     board = LoadBoard(capacity=2)
     lane = board.claim()

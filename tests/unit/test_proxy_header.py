@@ -559,7 +559,7 @@ def test_balanced_acceptor_counts_gated_connections_until_they_close() -> None:
     import echoapp
     from websockets.sync.client import connect
 
-    from appliance.engines.asgi import EngineSettings
+    from appliance.engines.settings import EngineSettings
     from appliance.engines.balance import LoadBoard
 
     board = LoadBoard(capacity=2)
