@@ -146,7 +146,8 @@ class _Server(uvicorn.Server):
         for sock in sockets or []:
             sock.close()
         deadline = loop.time() + self._settings.graceful_timeout_s
-        while (self.server_state.connections or self.server_state.tasks) and (
+        pending = self.server_state
+        while (pending.connections or pending.tasks or self._drain_state.gates) and (
             loop.time() < deadline and not self.force_exit
         ):
             if loop.time() >= self._next_beat:
@@ -156,6 +157,8 @@ class _Server(uvicorn.Server):
             t.cancel(msg="graceful timeout exceeded")
         for connection in list(self.server_state.connections):
             connection.transport.close()
+        for gate in list(self._drain_state.gates):
+            gate.close()
         if not self.force_exit:
             await self.lifespan.shutdown()
 

@@ -505,7 +505,11 @@ class ProxyGate(asyncio.Protocol):
     consumed, the HTTP protocol takes the transport with the header's addresses, and bytes
     behind the header in the same read are its first.
 
-    A drain closes connections still in their header, like a half-read request head.
+    A drain lets a connection still waiting for its header finish it, as it lets a fresh
+    connection send its first request: a balancer writes the header and its request at once
+    and never retries a request it has sent, so closing now would lose it. The HTTP protocol
+    it hands over to sees the drain and answers with ``Connection: close``; the header's
+    timer and the graceful timeout bound the wait.
     """
 
     def __init__(
@@ -558,7 +562,10 @@ class ProxyGate(asyncio.Protocol):
         self._finish()
 
     def shutdown(self) -> None:
-        """Drain: a connection that has not even sent its header is closed at once."""
+        """Drain: nothing to do yet (see the class docstring); :meth:`close` ends it."""
+
+    def close(self) -> None:
+        """The graceful timeout is over: close the connection still in its header."""
         self._finish()
         if self.transport is not None:
             self.transport.close()

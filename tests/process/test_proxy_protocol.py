@@ -15,6 +15,8 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -307,6 +309,37 @@ def test_proxy_trusted_changes_by_rolling_reload(start_master, workdir):
         status, doc = _read_response(sock, bytearray())
     assert status == b"HTTP/1.1 200 OK"
     assert doc["client"] == ["203.0.113.7", 1]
+
+
+def _accept_queue(port: int) -> int | None:
+    """How many connections wait in the kernel for an accept() on 127.0.0.1:PORT (listening)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def test_a_drain_serves_a_connection_still_waiting_for_its_header(start_master, workdir):
+    """A balancer writes the header and its request at once and does not retry a request it
+    has sent, so a connection the worker accepted just before it drains must still be
+    served (found by tests/system/test_fleet.py: 502s from HAProxy during rolling reloads)."""
+    m = start_master(_config(workdir))
+    m.ready()
+    port = _ports(m)["pp"]
+    old = set(m.worker_pids())
+    with _connect(port) as sock:
+        deadline = time.monotonic() + 20
+        while _accept_queue(port) != 0:  # accepted by the worker: it holds the connection
+            assert time.monotonic() < deadline, "the worker did not accept the connection"
+            time.sleep(0.01)
+        out = cli("reload", "--config", str(workdir / "appliance.toml"))
+        assert out.returncode == 0, out.stderr  # done: the old worker is draining
+        sock.sendall(v2(("203.0.113.7", 40001), ("198.51.100.1", 443)) + GET)
+        status, doc = _read_response(sock, bytearray())
+    assert status == b"HTTP/1.1 200 OK"
+    assert doc["client"] == ["203.0.113.7", 40001]
+    assert doc["pid"] in old, "not served by the draining worker"
 
 
 # --- Debian's haproxy in front ----------------------------------------------------------------
