@@ -23,7 +23,7 @@ from appliance.appenv import AppEnvError, AppEnvironment, check_findable
 from appliance.appenv import resolve as resolve_app_environment
 from appliance.config.load import ConfigError, load_config
 from appliance.config.schema import Settings, resolve_control_path
-from appliance.master import policy
+from appliance.master import drainmark, policy
 from appliance.master.events import Generation
 from appliance.master.plan import decide_reload, generation_for
 from appliance.master.runtime import Master, MasterDeps
@@ -218,7 +218,17 @@ def serve(
         return verdict.generation, verdict.live_only
 
     generation = generation_for(loaded, target)
-    state = policy.initial_state(generation, watchdog_interval_s=watchdog_s, now=time.monotonic())
+    mark_path = drainmark.path_for(control_path)
+    mark = _read_drain_mark(mark_path)
+    state = policy.initial_state(
+        generation,
+        watchdog_interval_s=watchdog_s,
+        now=time.monotonic(),
+        drained=mark is not None,
+        maint=mark is drainmark.Mark.MAINT,
+    )
+    if mark is not None:
+        logger.info("master.drain_kept", mode=mark.value, file=mark_path)
     deps = MasterDeps(
         sockets=[listener.sock for listener in listeners],
         notifier=notifier,
@@ -231,6 +241,7 @@ def serve(
         agent=agent,
         signals=signals,
         pretemplate=pretemplate,
+        drain_mark=mark_path,
         on_exit=[
             lambda: close_listeners(listeners),
             control.close,
@@ -260,6 +271,14 @@ def serve(
     )
     notifier.send(systemd.mainpid(pid))
     return master.run()
+
+
+def _read_drain_mark(path: str) -> drainmark.Mark | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return drainmark.parse(f.read(64))
+    except OSError:
+        return None
 
 
 def _sockname(listener: Listener) -> str:

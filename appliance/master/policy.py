@@ -126,8 +126,14 @@ def next_deadline(state: MasterState) -> float | None:
 
 
 def initial_state(
-    generation: Generation, *, watchdog_interval_s: float | None, now: float
+    generation: Generation,
+    *,
+    watchdog_interval_s: float | None,
+    now: float,
+    drained: bool = False,
+    maint: bool = False,
 ) -> MasterState:
+    """``drained``/``maint``: an operator's drain kept across a restart (the drain mark)."""
     return MasterState(
         phase=Phase.STARTING,
         current=generation,
@@ -136,6 +142,8 @@ def initial_state(
         watchdog_interval_s=watchdog_interval_s,
         watchdog_next=now,
         started_at=now,
+        drained=drained or maint,
+        maint=maint,
     )
 
 
@@ -506,7 +514,13 @@ class _Tx:
     def on_stop(self, signal_name: str, *, force: bool) -> None:
         if self.s.phase is not Phase.STOPPING:
             delay = self.s.current.settings.workers.drain_delay_s
-            if self.s.stop_at is None and not force and delay > 0 and self.s.ever_ready:
+            if (
+                self.s.stop_at is None
+                and not force
+                and delay > 0
+                and self.s.ever_ready
+                and not self.s.drained  # an operator's drain: balancers know already
+            ):
                 # Tell balancers first (agent drain, readiness 503) and keep serving while
                 # they notice; the stop itself is a deadline (see check_deadlines).
                 self.s = replace(self.s, stop_at=self.now + delay, stop_signal=signal_name)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from appliance import log
 from appliance.appenv import AppEnvError, AppEnvironment
 from appliance.engines.balance import LoadBoard
-from appliance.master import policy, rules
+from appliance.master import drainmark, policy, rules
 from appliance.master.events import (
     Action,
     ApplyLive,
@@ -115,6 +115,8 @@ class MasterDeps:
     signals: SignalPipe | None = None
     #: The first template, forked before the config was read (used once, then None).
     pretemplate: template.PreTemplate | None = None
+    #: Where an operator's drain is kept across restarts (:mod:`appliance.master.drainmark`).
+    drain_mark: str | None = None
     on_exit: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -229,7 +231,10 @@ class Master:
     def _drain_events(self) -> None:
         while self.pending and self.exit_code is None:
             event = self.pending.popleft()
+            before = (self.state.drained, self.state.maint)
             self.state, actions = policy.step(self.state, event, time.monotonic())
+            if (self.state.drained, self.state.maint) != before:
+                self._keep_drain_mark()
             # Before the actions: a drain is answered only once workers see it too.
             self._publish_readiness()
             self._execute(actions)
@@ -570,6 +575,25 @@ class Master:
             self._reply(
                 conn, scale_reply(action.workers) if action.ok else error_reply(action.message)
             )
+
+    def _keep_drain_mark(self) -> None:
+        """Write (or remove) the drain mark, so a restart keeps the operator's drain."""
+        path = self.deps.drain_mark
+        if path is None:
+            return
+        state = self.state
+        try:
+            if not state.drained:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                return
+            mark = drainmark.Mark.MAINT if state.maint else drainmark.Mark.DRAIN
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(drainmark.render(mark))
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.log.warning("master.drain_mark_failed", file=path, error=str(exc))
 
     def _answer_drain(self, action: DrainOutcome) -> None:
         from appliance.control import drain_reply, error_reply

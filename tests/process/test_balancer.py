@@ -179,3 +179,30 @@ def test_readiness_path_in_front_of_a_wsgi_app(start_master, workdir):
     m.ready()
     assert m.get("/healthz") == (200, "ready\n")
     assert m.get("/")[0] == 200
+
+
+def test_an_operators_drain_survives_a_restart_until_undrain(start_master, workdir):
+    # drain, upgrade (a restart), undrain: the restarted master must still say drain.
+    cfg = base_config(
+        workdir, agent={"address": "127.0.0.1:0"}, workers={"drain_delay_s": 30.0}
+    )
+    path = str(workdir / "appliance.toml")
+    mark_file = workdir / "control.sock.drained"
+    m = start_master(cfg)
+    m.ready()
+    assert cli("drain", "--maint", "--config", path).returncode == 0
+    assert mark_file.read_text() == "maint\n"
+    m.signal(signal.SIGTERM)
+    stopping = m.logs.wait_for("master.stopping")
+    assert "drain_delay" not in stopping  # balancers were told already: no delay
+    assert not m.logs.find("master.drain_delay")
+    assert m.wait(30) == 0
+    again = start_master(cfg)
+    kept = again.logs.wait_for("master.drain_kept")
+    assert kept["mode"] == "maint"
+    again.ready()
+    assert agent_line(agent_port(again)) == "maint"
+    assert again.get("/")[0] == 200  # drained, not stopped: the pool serves
+    out = cli("undrain", "--config", path)
+    assert out.returncode == 0 and "ready 100%" in out.stdout, out
+    assert not mark_file.exists()

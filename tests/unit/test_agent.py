@@ -322,3 +322,30 @@ def test_readiness_path_form() -> None:
     for bad in ("ready", "/a b", "/a?b", "/" + "a" * 300):
         with pytest.raises(ValueError, match="must start with /"):
             HttpSettings(readiness_path=bad)
+
+
+# --- the drain mark: an operator's drain kept across a restart ---------------------------------
+
+
+def test_drain_mark_words() -> None:
+    from appliance.master import drainmark
+
+    for mark in drainmark.Mark:
+        assert drainmark.parse(drainmark.render(mark)) is mark
+    for junk in ("", "\n", "drained", "DRAIN", "\x00maint", "maint maint"):
+        assert drainmark.parse(junk) is None
+    assert drainmark.path_for("/run/appliance/control.sock") == (
+        "/run/appliance/control.sock.drained"
+    )
+
+
+def test_a_master_started_with_the_mark_is_drained_and_stops_without_the_delay() -> None:
+    g = gen(target=1, drain_delay_s=30.0)
+    state = policy.initial_state(g, watchdog_interval_s=None, now=0.0, maint=True)
+    assert state.drained and state.maint
+    sim = Sim(g)
+    sim.state = replace(sim.state, drained=True)
+    sim.ready_all()
+    out = sim.step(StopRequested("SIGTERM"))
+    assert not [a for a in out if getattr(a, "event", "") == "master.drain_delay"]
+    assert sim.state.phase is Phase.STOPPING
