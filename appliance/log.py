@@ -629,6 +629,19 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+def resolve_stream(setting: str, pid: int) -> str:
+    """``log.stream`` for this master: ``auto`` is stdout as PID 1 (a container), else stderr
+    (pure)."""
+    if setting == "auto":
+        return "stdout" if pid == 1 else "stderr"
+    return setting
+
+
+def named_stream(name: str) -> TextIO:
+    """The stream ``resolve_stream`` named, looked up now (tests replace sys.stdout/stderr)."""
+    return sys.stdout if name == "stdout" else sys.stderr
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",

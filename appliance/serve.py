@@ -148,7 +148,10 @@ def serve(
         raise StartupError(*(str(p) for p in exc.problems)) from None
     settings = loaded.settings
     env = os.environ
-    log.configure_logging(settings.log.level, settings.log.format)
+    log_stream = log.resolve_stream(settings.log.stream, os.getpid())
+    log.configure_logging(
+        settings.log.level, settings.log.format, stream=log.named_stream(log_stream)
+    )
     logger = log.get_logger()
     pid = os.getpid()
 
@@ -242,6 +245,7 @@ def serve(
         signals=signals,
         pretemplate=pretemplate,
         drain_mark=mark_path,
+        log_stream=log_stream,
         on_exit=[
             lambda: close_listeners(listeners),
             control.close,

@@ -976,6 +976,15 @@ class LogSettings(BaseModel):
         ),
         Reload.LIVE,
     ] = "auto"
+    stream: Annotated[
+        Literal["auto", "stderr", "stdout"],
+        Field(
+            description="Where log lines go (with every format but journal); `auto` is stdout "
+            "when the master runs as PID 1 (a container's entrypoint, where the runtime "
+            "collects stdout) and stderr otherwise."
+        ),
+        Reload.RESTART,
+    ] = "auto"
 
 
 def _default_listen() -> list[ListenSettings]:

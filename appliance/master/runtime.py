@@ -117,6 +117,8 @@ class MasterDeps:
     pretemplate: template.PreTemplate | None = None
     #: Where an operator's drain is kept across restarts (:mod:`appliance.master.drainmark`).
     drain_mark: str | None = None
+    #: ``stdout`` or ``stderr``: ``log.stream`` as resolved at start, for every process.
+    log_stream: str = "stderr"
     on_exit: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -529,7 +531,11 @@ class Master:
                     getattr(self.log, level)(event, **dict(fields))
                 case ApplyLive(generation=gen):
                     settings = gen.settings
-                    log.configure_logging(settings.log.level, settings.log.format)
+                    log.configure_logging(
+                        settings.log.level,
+                        settings.log.format,
+                        stream=log.named_stream(self.deps.log_stream),
+                    )
                 case ReloadProgress():
                     self._answer_progress(action)
                 case ReloadOutcome():
@@ -755,6 +761,7 @@ class Master:
             engine=self.deps.engine_settings(generation),
             log_level=settings.log.level,
             log_format=settings.log.format,
+            log_stream=self.deps.log_stream,
             alive_fd=self._alive_r,
             board=self.board,
             channel=template_end,

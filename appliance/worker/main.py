@@ -48,6 +48,7 @@ class WorkerSpec:
     engine: EngineSettings
     log_level: str
     log_format: str
+    log_stream: str
     report_fd: int
     alive_fd: int | None
     board: LoadBoard | None = None
@@ -72,7 +73,9 @@ def run(spec: WorkerSpec) -> NoReturn:
         _reset_signals()
         pid = os.getpid()
         info.set_current(info.WorkerInfo(spec.worker_id, pid, spec.generation, spec.config_digest))
-        log.configure_logging(spec.log_level, spec.log_format)
+        log.configure_logging(
+            spec.log_level, spec.log_format, stream=log.named_stream(spec.log_stream)
+        )
         log.clear_context()
         log.bind_context(worker_id=spec.worker_id, pid=pid, generation=spec.generation)
         logger = log.get_logger()

@@ -68,6 +68,7 @@ class TemplateSpec:
     engine: EngineSettings
     log_level: str
     log_format: str
+    log_stream: str
     alive_fd: int
     board: LoadBoard | None
     channel: socket.socket
@@ -214,7 +215,9 @@ def run(spec: TemplateSpec) -> NoReturn:
         for fd in spec.close_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        log.configure_logging(spec.log_level, spec.log_format)
+        log.configure_logging(
+            spec.log_level, spec.log_format, stream=log.named_stream(spec.log_stream)
+        )
         log.clear_context()
         log.bind_context(pid=os.getpid(), generation=spec.generation)
         logger = log.get_logger()
@@ -314,6 +317,7 @@ def _middle(spec: TemplateSpec, msg: channel.Spawn, report_fd: int, app: object)
                 engine=spec.engine,
                 log_level=spec.log_level,
                 log_format=spec.log_format,
+                log_stream=spec.log_stream,
                 report_fd=report_fd,
                 alive_fd=spec.alive_fd,
                 board=spec.board,

@@ -217,6 +217,7 @@ class Master:
         prefix: list[str] | None = None,
         pass_fds: tuple[int, ...] = (),
         args: list[str] | None = None,
+        logs_on: str = "stderr",
     ) -> None:
         cmd = [*(prefix or []), sys.executable, "-m", "appliance", *(args or ["serve"])]
         if config is not None:
@@ -224,13 +225,13 @@ class Master:
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE if logs_on == "stdout" else subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL if logs_on == "stdout" else subprocess.PIPE,
             env=env if env is not None else clean_env(),
             start_new_session=True,
             pass_fds=pass_fds,
         )
-        self.logs = LogStream(self.proc.stderr)
+        self.logs = LogStream(self.proc.stdout if logs_on == "stdout" else self.proc.stderr)
         self._port: int | None = None
 
     @property

@@ -1,4 +1,5 @@
-"""``appliance serve`` as PID 1 of a container: reaps orphans, drains on SIGTERM, logs JSON.
+"""``appliance serve`` as PID 1 of a container: reaps orphans, drains on SIGTERM, logs JSON
+to stdout.
 
 Runs the master as PID 1 of a new PID namespace (``unshare --pid --fork --mount-proc``, root
 only), as a Kubernetes pod or ``docker run`` without an init would.
@@ -51,7 +52,10 @@ def test_pid1_reaps_orphans_drains_on_sigterm_and_logs_json(start_master, workdi
         app={"target": "orphanapp:app", "directory": str(APPS)},
         log={"format": "auto"},  # not a terminal, no journal: JSON lines
     )
-    m = start_master(cfg, prefix=["unshare", "--pid", "--fork", "--mount-proc"])
+    # As PID 1 the logs go to stdout (log.stream = "auto"), where a container runtime reads.
+    m = start_master(
+        cfg, prefix=["unshare", "--pid", "--fork", "--mount-proc"], logs_on="stdout"
+    )
     started = m.started()
     assert started["pid"] == 1
     m.ready()

@@ -41,6 +41,7 @@ def test_a_pretemplate_that_is_gone_cannot_take_a_spec():
         engine=None,  # type: ignore[arg-type]  # pickled, never used here
         log_level="info",
         log_format="json",
+        log_stream="stderr",
         alive_fd=b.fileno(),
         board=None,
         channel=None,  # type: ignore[arg-type]

@@ -730,3 +730,12 @@ def test_instance_journal_identifier(fake_journal: tuple[JournalSender, socket.s
     configure_logging("info", "journal", stream=io.StringIO(), journal=sender, env=env)
     get_logger().info("master.ready")
     assert _decode(server.recv(65536))["SYSLOG_IDENTIFIER"] == "appliance@site-a"
+
+
+def test_log_stream_auto_is_stdout_only_as_pid_1():
+    from appliance.log import resolve_stream
+
+    assert resolve_stream("auto", 1) == "stdout"
+    assert resolve_stream("auto", 4242) == "stderr"
+    assert resolve_stream("stderr", 1) == "stderr"
+    assert resolve_stream("stdout", 4242) == "stdout"
