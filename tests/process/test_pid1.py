@@ -86,3 +86,63 @@ def test_pid1_reaps_orphans_drains_on_sigterm_and_logs_json(start_master, workdi
     assert m.logs.find("master.stopped", exit_code=0)
     lines = [line for line in m.logs.text().splitlines() if line.strip()]
     assert lines and all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def _cpu_quota_cgroup(name: str) -> tuple[Path, str] | None:
+    """A cgroup limited to 1 CPU (v1 cpu controller or v2 cpu.max), or None if we cannot."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cpu.cfs_quota_us").exists():
+        group = v1 / name
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")
+        return group, "cgroup.procs"
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists() and "cpu" in (
+        root / "cgroup.subtree_control"
+    ).read_text().split():
+        group = root / name
+        group.mkdir(exist_ok=True)
+        (group / "cpu.max").write_text("100000 100000")
+        return group, "cgroup.procs"
+    return None
+
+
+def test_pid1_sizes_the_pool_from_the_cgroup_cpu_quota(start_master, workdir):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 CPUs to tell a quota of 1 from the machine")
+    name = f"appliance-pid1-{os.getpid()}"
+    made = _cpu_quota_cgroup(name)
+    if made is None:
+        pytest.skip("no writable cgroup cpu controller")
+    group, procs = made
+    try:
+        cfg = base_config(workdir, workers={"count": "auto", "reserve_cores": 0})
+        # As a container runtime does: the pod's cgroup first, then PID 1 in it.
+        enter = f"echo $$ > {group / procs} && exec \"$@\""
+        m = start_master(
+            cfg,
+            prefix=["sh", "-c", enter, "sh", "unshare", "--pid", "--fork", "--mount-proc"],
+            logs_on="stdout",
+        )
+        started = m.started()
+        assert started["pid"] == 1
+        assert started["workers"] == 1, started["sizing"]
+        assert "cgroup CPU quota 1" in started["sizing"]
+        m.ready()
+        assert len(m.worker_pids()) == 1
+        (master,) = _children(m.pid)  # PID 1 inside; a container runtime signals it
+        os.kill(master, signal.SIGTERM)
+        assert m.wait(30) == 0
+    finally:
+        if "m" in locals():
+            m.kill_group()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # its last processes are still exiting
