@@ -5,12 +5,8 @@ rule, and one forked engine whose balanced acceptor must count a connection thro
 from __future__ import annotations
 
 import ipaddress
-import os
-import signal
 import socket
 import struct
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -531,13 +527,6 @@ def test_engine_settings_give_each_socket_its_listeners_policy() -> None:
 # --- the engine: a connection through the gate is counted, and uncounted ------------------------
 
 
-def _wait_value(board: object, lane: int, want: int) -> None:
-    deadline = time.monotonic() + 20
-    while board.value(lane) != want:  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, f"lane count {board.value(lane)}, wanted {want}"  # type: ignore[attr-defined]
-        time.sleep(0.01)  # shared memory has no event to wait on; a deadline bounds it
-
-
 def _recv_until(sock: socket.socket, marker: bytes) -> bytes:
     data = b""
     while marker not in data:
@@ -555,68 +544,30 @@ def _closed(sock: socket.socket) -> bool:
 
 
 def test_balanced_acceptor_counts_gated_connections_until_they_close() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps"))
-    import echoapp
+    from forked_engine import forked_engine  # type: ignore[import-not-found]
     from websockets.sync.client import connect
 
     from appliance.engines.settings import EngineSettings
-    from appliance.engines.balance import LoadBoard
 
-    board = LoadBoard(capacity=2)
-    lane = board.claim()
-    assert lane is not None
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     policy = proxy.ProxyPolicy("pp", (parse_network("127.0.0.1"),))
-    report_r, report_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(report_r)
-            from appliance.engines import asgi
-
-            code = asgi.serve(
-                echoapp.app,
-                [listener],
-                EngineSettings(graceful_timeout_s=5, proxy=(policy,)),
-                report_fd=report_w,
-                alive_fd=None,
-                board=board,
-                lane=lane,
-            )
-        finally:
-            os._exit(code)
-    os.close(report_w)
     header = b"PROXY TCP4 192.0.2.7 192.0.2.1 5555 80\r\n"
-    try:
-        with os.fdopen(report_r, "rb", buffering=0) as pipe:
-            data = b""
-            while b'"ready"' not in data:
-                chunk = pipe.read(4096)
-                assert chunk, "engine exited before ready"
-                data += chunk
-            _wait_value(board, lane, 0)
-            # Served over HTTP after the header: counted while open.
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(header + b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
-                assert b'"client": ["192.0.2.7", 5555]' in _recv_until(sock, b"}")
-                assert board.value(lane) == 1
-            _wait_value(board, lane, 0)
-            # Refused: counted until the worker closed it.
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
-                assert _closed(sock)
-            _wait_value(board, lane, 0)
-            # Header, then a WebSocket upgrade: the count follows it through both hand-overs.
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(header)
-            with connect(f"ws://127.0.0.1:{port}/ws-client", sock=sock, open_timeout=10) as ws:
-                assert '"client": ["192.0.2.7", 5555]' in str(ws.recv(timeout=10))
-                assert board.value(lane) == 1
-            _wait_value(board, lane, 0)
-    finally:
-        os.kill(pid, signal.SIGTERM)
-        _, status = os.waitpid(pid, 0)
-        listener.close()
-    assert os.waitstatus_to_exitcode(status) == 0
+    with forked_engine(EngineSettings(graceful_timeout_s=5, proxy=(policy,))) as engine:
+        port = engine.port
+        # Served over HTTP after the header: counted while open.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(header + b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b'"client": ["192.0.2.7", 5555]' in _recv_until(sock, b"}")
+            assert engine.count() == 1
+        engine.wait_count(0)
+        # Refused: counted until the worker closed it.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert _closed(sock)
+        engine.wait_count(0)
+        # Header, then a WebSocket upgrade: the count follows it through both hand-overs.
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(header)
+        with connect(f"ws://127.0.0.1:{port}/ws-client", sock=sock, open_timeout=10) as ws:
+            assert '"client": ["192.0.2.7", 5555]' in str(ws.recv(timeout=10))
+            assert engine.count() == 1
+        engine.wait_count(0)
