@@ -16,8 +16,8 @@ in :mod:`appliance.http.rules`):
   longer than the body timeout;
 * a drain that finishes requests in progress, closes connections with half a head at once
   and lets idle ones take their next request (answered with ``Connection: close``);
-* the writes of a response made in one loop iteration (its head and a short body) go out
-  in one system call, not one per write (:class:`_Corked`);
+* a response's head and a short body go out in one system call, not one per write
+  (:class:`_Corked`);
 * a refused connection half-closes and keeps reading (and discarding) for a moment, so the
   peer reads our answer instead of a TCP reset caused by its own unread bytes;
 * the connection counter of the balanced acceptor follows a connection into the WebSocket
@@ -87,44 +87,52 @@ class ServingState(ServerState):
 
 
 class _Corked:
-    """A connection's transport as its responses see it: the writes of one loop iteration
-    go out in one ``write``, so a response's head and body cost one system call, not two.
+    """A connection's transport as its responses see it: a response's head waits for the
+    first write behind it, so the head and a short body cost one system call, not two.
 
-    The first write is held and a flush scheduled at the end of the loop's iteration; more
-    than ``CORK_LIMIT`` held bytes, a close, or that flush writes them. Everything else is
-    the transport's.
+    uvicorn writes the head at ``http.response.start`` and the body at the next
+    ``http.response.body``, which an app sends in the same step of its task. So a write with
+    nothing held is held (and a flush scheduled for the end of the loop's iteration, for an
+    app that sends the head alone and its body later); the next write joins it and goes out at
+    once. Large writes, a close, or that flush write what is held. Everything else is the
+    transport's.
     """
 
-    __slots__ = ("_held", "_loop", "_size", "_transport")
+    __slots__ = ("_held", "_loop", "_scheduled", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
-        self._held: list[bytes] = []
-        self._size = 0
+        self._held: bytes | None = None
+        self._scheduled = False
 
     def write(self, data: bytes) -> None:
-        if len(data) > CORK_LIMIT:  # a large body: no copy, and the transport's flow control
-            self.flush()
-            self._transport.write(data)
-            return
         held = self._held
-        if not held:
-            self._loop.call_soon(self.flush)
-        held.append(data)
-        self._size += len(data)
-        if self._size > CORK_LIMIT:
-            self.flush()
+        if held is not None:
+            self._held = None
+            if len(data) <= CORK_LIMIT:
+                self._transport.write(held + data)
+                return
+            self._transport.write(held)
+        elif len(data) <= CORK_LIMIT:
+            self._held = data
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._flush_soon)
+            return
+        self._transport.write(data)
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()
 
     def flush(self) -> None:
         held = self._held
-        if not held:
+        if held is None:
             return
-        data = held[0] if len(held) == 1 else b"".join(held)
-        held.clear()
-        self._size = 0
+        self._held = None
         if not self._transport.is_closing():
-            self._transport.write(data)
+            self._transport.write(held)
 
     def close(self) -> None:
         self.flush()
