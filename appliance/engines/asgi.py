@@ -68,6 +68,7 @@ class _Server(uvicorn.Server):
             head_timeout_s=settings.request_head_timeout_s,
             body_timeout_s=settings.request_body_timeout_s,
         )
+        self._drain_state.wsgi = settings.interface == "wsgi"
         self.server_state = self._drain_state
         self._settings = settings
         self._report_fd = report_fd

@@ -79,6 +79,8 @@ class ServingState(ServerState):
         self.head_timeout_s = head_timeout_s
         self.body_timeout_s = body_timeout_s
         self.draining = False
+        #: The app is a WSGI app (its bridge asks each request whether the client is gone).
+        self.wsgi = False
         #: Draining because the server stops (not because this worker is replaced).
         self.stopping = False
         #: Connections still reading their PROXY header (not yet in ``connections``).
@@ -282,9 +284,10 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
-        reject = rules.check_request_line(self.parser.get_method(), len(self.url), self._limits)
-        if reject is not None:
-            self._stop(reject)
+        if len(self.url) > self._limits.target_always_fits:
+            reject = rules.check_request_line(self.parser.get_method(), len(self.url), self._limits)
+            if reject is not None:
+                self._stop(reject)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
@@ -302,10 +305,7 @@ class HttpProtocol(HttpToolsProtocol):
             self._head_timer = None
         parser = self.parser
         reject = rules.check_head(
-            parser.get_http_version(),
-            parser.get_method(),
-            self.url,
-            (name for name, _ in self.headers),
+            parser.get_http_version(), parser.get_method(), self.url, self.headers
         )
         if reject is not None:
             self._stop(reject)
@@ -318,9 +318,10 @@ class HttpProtocol(HttpToolsProtocol):
             if cork is None:
                 cork = self._cork = _Corked(self.transport, self.loop)
             cycle.transport = cork  # type: ignore[assignment]  # the transport's interface
-            # For the WSGI adapter: stop iterating a response nobody receives.
-            scope: Any = self.scope  # HTTPScope types "extensions" too narrowly for this
-            scope["extensions"] = {"appliance.disconnected": lambda: cycle.disconnected}
+            if self._state.wsgi:
+                # For the WSGI bridge: stop iterating a response nobody receives.
+                scope: Any = self.scope  # HTTPScope types "extensions" too narrowly for this
+                scope["extensions"] = {"appliance.disconnected": lambda: cycle.disconnected}
             if self._state.draining:
                 cycle.keep_alive = False
         self._in_body = True

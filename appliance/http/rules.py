@@ -47,6 +47,8 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_SERVICE_RESTART = 1012
 
 _VERSIONS = frozenset({"1.0", "1.1"})
+#: Longer than every method llhttp knows (the longest, e.g. ``UNSUBSCRIBE``, has 11 bytes).
+MAX_METHOD_BYTES = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,12 @@ class HeadLimits:
     max_request_line_bytes: int = 4094
     max_header_fields: int = 100
     max_header_field_bytes: int = 8190
+
+    @property
+    def target_always_fits(self) -> int:
+        """A request target at most this long fits the request line with any method llhttp
+        accepts (the engine checks longer ones exactly, see :func:`check_request_line`)."""
+        return self.max_request_line_bytes - len(" HTTP/1.1") - 1 - MAX_METHOD_BYTES
 
     @property
     def head_budget(self) -> int:
@@ -122,13 +130,15 @@ def check_framing_bytes(run: int, limits: HeadLimits) -> Reject | None:
     return None
 
 
-def check_head(version: str, method: bytes, target: bytes, names: Iterable[bytes]) -> Reject | None:
-    """The RFC 9112 rules on a complete head (``names`` lower-cased, in order)."""
+def check_head(
+    version: str, method: bytes, target: bytes, fields: Iterable[tuple[bytes, bytes]]
+) -> Reject | None:
+    """The RFC 9112 rules on a complete head (``fields`` with lower-cased names, in order)."""
     if version not in _VERSIONS:
         return Reject(505, f"HTTP/{version} is not supported; use HTTP/1.1")
     hosts = 0
     transfer_encoding = False
-    for name in names:
+    for name, _ in fields:
         if name == b"host":
             hosts += 1
         elif name == b"transfer-encoding":

@@ -28,6 +28,12 @@ def test_defaults_are_gunicorns():
     assert LIMITS.max_header_field_bytes == 8190
 
 
+def test_a_target_that_always_fits_fits_with_any_method():
+    fits = LIMITS.target_always_fits
+    for method in (b"GET", b"UNSUBSCRIBE", b"M" * 24):
+        assert check_request_line(method, fits, LIMITS) is None
+
+
 def test_request_line_counts_method_spaces_target_and_version():
     target = 4094 - len("GET  HTTP/1.1")
     assert check_request_line(b"GET", target, LIMITS) is None
@@ -60,18 +66,21 @@ def test_framing_run_has_the_heads_budget():
 
 
 def test_head_rules():
-    ok = [b"host"]
+    ok = [(b"host", b"a")]
     assert check_head("1.1", b"GET", b"/", ok) is None
     assert check_head("1.0", b"GET", b"/", []) is None  # HTTP/1.0 needs no Host
     assert check_head("2.0", b"GET", b"/", ok) == Reject(
         505, "HTTP/2.0 is not supported; use HTTP/1.1"
     )
-    assert check_head("1.1", b"GET", b"/", [b"host", b"host"]).status == 400  # type: ignore[union-attr]
+    assert check_head("1.1", b"GET", b"/", [(b"host", b"a"), (b"host", b"b")]).status == 400  # type: ignore[union-attr]
     assert check_head("1.1", b"GET", b"/", []).status == 400  # type: ignore[union-attr]
     assert check_head("1.1", b"GET", b"*", ok).status == 400  # type: ignore[union-attr]
     assert check_head("1.1", b"OPTIONS", b"*", ok) is None
-    assert check_head("1.0", b"POST", b"/", [b"transfer-encoding"]).status == 400  # type: ignore[union-attr]
-    assert check_head("1.1", b"POST", b"/", [b"host", b"transfer-encoding"]) is None
+    assert check_head("1.0", b"POST", b"/", [(b"transfer-encoding", b"chunked")]).status == 400  # type: ignore[union-attr]
+    assert (
+        check_head("1.1", b"POST", b"/", [(b"host", b"a"), (b"transfer-encoding", b"chunked")])
+        is None
+    )
 
 
 def test_drain_actions():
