@@ -887,7 +887,7 @@ def _version_of(argv: list[str], pattern: str = r"(\S+)") -> str | None:
 def versions() -> dict[str, str]:
     out: dict[str, str] = {"python": platform.python_version()}
     for mod in ("appliance", "uvicorn", "uvloop", "httptools", "gunicorn", "uvicorn_worker",
-                "a2wsgi", "granian", "py_spy"):
+                "granian", "py_spy"):
         try:
             from importlib.metadata import version
             out[mod] = version(mod.replace("_", "-"))

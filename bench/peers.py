@@ -71,7 +71,7 @@ DESCRIPTIONS = {
     APPLIANCE: 'appliance, ASGI hello/cpu, default [http] accept = "balanced"',
     APPLIANCE_KERNEL: 'appliance with [http] accept = "kernel" (every worker accepts, the '
     "kernel decides)",
-    APPLIANCE_WSGI: 'appliance serving the WSGI apps ([app] interface = "wsgi", a2wsgi, '
+    APPLIANCE_WSGI: 'appliance serving the WSGI apps ([app] interface = "wsgi", its bridge, '
     "default [wsgi] threads)",
     "uvicorn": "uvicorn --workers N --loop uvloop --http httptools",
     "gunicorn-uvicorn": "gunicorn -k uvicorn_worker.UvicornWorker",

@@ -525,7 +525,7 @@ def _throughput_sections(res: dict[str, Any], made: list[str]) -> list[str]:
     if wsgi:
         out += _throughput_table(wsgi, "## Throughput, hello app, WSGI (req/s, median; p99 ms "
                                  "in brackets)")
-        out += ["appliance-wsgi runs the WSGI app in each worker's thread pool (a2wsgi, "
+        out += ["appliance-wsgi runs the WSGI app in each worker's thread pool (its own bridge, "
                 "`[wsgi] threads`); gunicorn sync serves one request at a time per worker and "
                 "closes every connection; gthread keeps connections alive with a thread pool "
                 "of the same size." + (f" (T = {res['wsgi_threads']}.)"

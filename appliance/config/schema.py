@@ -983,7 +983,7 @@ class LogSettings(BaseModel):
             "when the master runs as PID 1 (a container's entrypoint, where the runtime "
             "collects stdout) and stderr otherwise."
         ),
-        Reload.RESTART,
+        Reload.LIVE,
     ] = "auto"
 
 

@@ -117,7 +117,8 @@ class MasterDeps:
     pretemplate: template.PreTemplate | None = None
     #: Where an operator's drain is kept across restarts (:mod:`appliance.master.drainmark`).
     drain_mark: str | None = None
-    #: ``stdout`` or ``stderr``: ``log.stream`` as resolved at start, for every process.
+    #: ``stdout`` or ``stderr``: ``log.stream`` as resolved (at start, and on a live reload),
+    #: for the master and every template and worker started from then on.
     log_stream: str = "stderr"
     on_exit: list[Callable[[], None]] = field(default_factory=list)
 
@@ -531,6 +532,7 @@ class Master:
                     getattr(self.log, level)(event, **dict(fields))
                 case ApplyLive(generation=gen):
                     settings = gen.settings
+                    self.deps.log_stream = log.resolve_stream(settings.log.stream, os.getpid())
                     log.configure_logging(
                         settings.log.level,
                         settings.log.format,

@@ -301,7 +301,7 @@ def test_control_characters_in_keys_and_values_stay_on_one_line(main: Path) -> N
             f'{main}: log.level: Input should be "debug", "info", "warning" or "error" '
             '(got "x\\ny\\u009b")'
         ),
-        f'{main}: log."a\\n\\u001b[31mb\\u2028": unknown setting; valid keys here: level, format',
+        f'{main}: log."a\\n\\u001b[31mb\\u2028": unknown setting; valid keys here: level, format, stream',
     ]
 
 
