@@ -2,7 +2,8 @@
 
 ``/orphan`` forks a child that forks a grandchild and exits at once (the classic double fork):
 the grandchild, named ``apl-orphan``, is re-parented to the nearest subreaper or PID 1 and
-exits after 0.5 s. Someone must reap it, or it stays a zombie. Everything else: 200 ``{}``.
+exits once the file named by the query's ``gate`` exists (at most 30 s; at once without
+one). Someone must reap it, or it stays a zombie. Everything else: 200 ``{}``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import time
 _PR_SET_NAME = 15
 
 
-def _orphan() -> int:
+def _orphan(gate: str) -> int:
     child = os.fork()
     if child == 0:
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
         ctypes.CDLL(None).prctl(_PR_SET_NAME, b"apl-orphan", 0, 0, 0)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
         os._exit(0)
     os.waitpid(child, 0)  # the middle process is ours; the grandchild is nobody's
     return child
@@ -33,7 +36,9 @@ async def app(scope, receive, send) -> None:
         return
     doc: dict[str, object] = {}
     if scope["path"] == "/orphan":
-        doc["middle"] = _orphan()
+        query = scope.get("query_string", b"").decode()
+        gate = query.removeprefix("gate=") if query.startswith("gate=") else ""
+        doc["middle"] = _orphan(gate)
     body = json.dumps(doc).encode()
     await send(
         {

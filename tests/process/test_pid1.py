@@ -65,11 +65,13 @@ def test_pid1_reaps_orphans_drains_on_sigterm_and_logs_json(start_master, workdi
     (master,) = kids  # unshare's one child: PID 1 inside
     ns = os.readlink(f"/proc/{master}/ns/pid")
 
+    gate = workdir / "orphans-may-exit"
     for _ in range(3):
-        assert m.get("/orphan")[0] == 200
+        assert m.get(f"/orphan?gate={gate}")[0] == 200
     seen = {p: v for p, v in _in_namespace(ns).items() if v[0] == "apl-orphan"}
     assert len(seen) == 3
     assert {ppid for _c, _s, ppid in seen.values()} == {master}  # re-parented to the master
+    gate.touch()
     deadline = time.monotonic() + 10
     while any(p in _in_namespace(ns) for p in seen):  # a zombie would stay listed
         if time.monotonic() > deadline:
