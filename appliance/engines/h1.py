@@ -148,6 +148,24 @@ class _Corked:
 CORK_LIMIT = 16 * 1024
 
 
+def _hand_loss_over(old: asyncio.BaseProtocol, new: asyncio.BaseProtocol) -> None:
+    """``new`` takes the transport from ``old``: chain ``old``'s connection_lost behind its own.
+
+    The balanced acceptor counts a connection through the first protocol's connection_lost
+    (which it wrapped); once the transport reports to another protocol (a WebSocket upgrade,
+    the PROXY gate handing over), that count must still end when the connection does.
+    """
+    new_lost, old_lost = new.connection_lost, old.connection_lost
+
+    def connection_lost(exc: Exception | None) -> None:
+        try:
+            new_lost(exc)
+        finally:
+            old_lost(exc)
+
+    new.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing; the protocol answers ``_reject``."""
 
@@ -433,17 +451,7 @@ class HttpProtocol(HttpToolsProtocol):
         ws = self.ws_protocol_class(  # type: ignore[call-arg, misc]
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
-        # The acceptor counts this connection through *our* connection_lost; the transport
-        # now reports to the WebSocket protocol, so chain ours behind its own.
-        ws_lost, ours = ws.connection_lost, self.connection_lost
-
-        def connection_lost(exc: Exception | None) -> None:
-            try:
-                ws_lost(exc)
-            finally:
-                ours(exc)
-
-        ws.connection_lost = connection_lost  # type: ignore[method-assign]
+        _hand_loss_over(self, ws)
         lines = [self.scope["method"].encode(), b" ", self.url, b" HTTP/1.1\r\n"]
         for name, value in self.scope["headers"]:
             lines += [name, b": ", value, b"\r\n"]
@@ -612,17 +620,7 @@ class ProxyGate(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         inner = self._inner()
-        # The acceptor counts this connection through *our* connection_lost (it may have
-        # wrapped it); the transport now reports to the HTTP protocol, so chain ours behind.
-        inner_lost, ours = inner.connection_lost, self.connection_lost
-
-        def connection_lost(exc: Exception | None) -> None:
-            try:
-                inner_lost(exc)
-            finally:
-                ours(exc)
-
-        inner.connection_lost = connection_lost  # type: ignore[method-assign]
+        _hand_loss_over(self, inner)
         inner.connection_made(transport)
         if isinstance(inner, HttpToolsProtocol):
             _relay(inner, header)
