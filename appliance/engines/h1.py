@@ -1,8 +1,11 @@
-"""The HTTP/1.1 and WebSocket protocols a worker serves with: uvicorn's, with our rules.
+"""The HTTP/1.1 and WebSocket protocols a worker serves with.
 
-uvicorn's httptools protocol parses and runs the ASGI cycle; :class:`HttpProtocol` adds what
-a server facing the internet needs and uvicorn does not do (the decisions are pure functions
-in :mod:`appliance.http.rules`):
+:class:`HttpProtocol` is our own HTTP/1.1 protocol on httptools (llhttp parses); it keeps the
+interface of uvicorn's (``uvicorn.Server`` runs it, the lifespan, the WebSocket protocol and
+the app see what they would see under uvicorn: tests/process/test_http_conformance.py sends
+the same bytes to both) and spends less per request: no event, timer, done callback or
+second write per request. On top of that it does what a server facing the internet needs
+and uvicorn does not do (the decisions are pure functions in :mod:`appliance.http.rules`):
 
 * limits on the request head (line, field count, field size) and on the bytes one head may
   take while it arrives, answered 414/431 with ``Connection: close``;
@@ -39,13 +42,25 @@ the TCP connection ends once the client answered, never with a reset.
 from __future__ import annotations
 
 import asyncio
+import http
+import logging
+import re
 import time
+import urllib.parse
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.utils import (
+    ClientDisconnected,
+    get_client_addr,
+    get_local_addr,
+    get_path_with_query_string,
+    get_remote_addr,
+    is_ssl,
+)
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
@@ -57,6 +72,25 @@ if TYPE_CHECKING:
     from uvicorn.config import Config
 
 __all__ = ["LINGER_S", "HttpProtocol", "ProxyGate", "ServingState", "WebSocketProtocol"]
+
+_LOGGER = logging.getLogger("uvicorn.error")  # uvicorn's names: log.py maps their events
+_ACCESS_LOGGER = logging.getLogger("uvicorn.access")
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b""
+    return b"HTTP/1.1 %d %b\r\n" % (status, phrase)
+
+
+STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
+#: A response header name with a byte RFC 9110 does not allow in a token, or a value with a
+#: control byte other than tab: either would let an app split the response.
+_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]').search
+_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]").search
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
 #: How long a refused connection keeps reading (and dropping) what the peer still sends
 #: after our answer, before it closes. Closing a socket with unread bytes makes the kernel
@@ -86,6 +120,28 @@ class ServingState(ServerState):
         #: Connections still reading their PROXY header (not yet in ``connections``).
         self.gates: set[ProxyGate] = set()
         self.proxy_rejections = proxy.RejectLog()
+        self._head_for: list[tuple[bytes, bytes]] | None = None
+        self._head = b""
+        self._access_log: bool | None = None
+
+    def access_log(self, config: Config) -> bool:
+        """Whether requests are logged (uvicorn's rule: asked for, and the logger has a
+        handler), decided once per worker, not once per connection."""
+        if self._access_log is None:
+            self._access_log = bool(config.access_log) and _ACCESS_LOGGER.hasHandlers()
+        return self._access_log
+
+    def default_head(self) -> bytes:
+        """The server's own header lines of every response (``date``), as bytes.
+
+        uvicorn's server loop replaces ``default_headers`` once a second; the bytes are made
+        once per list, not once per response.
+        """
+        headers = self.default_headers
+        if headers is not self._head_for:
+            self._head = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers)
+            self._head_for = headers
+        return self._head
 
 
 class _Corked:
@@ -140,9 +196,6 @@ class _Corked:
         self.flush()
         self._transport.close()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
 
 #: Most bytes a connection holds back to join with the next write of the same iteration.
 CORK_LIMIT = 16 * 1024
@@ -184,7 +237,18 @@ def _response(status: int, reason: str, default_headers: list[tuple[bytes, bytes
     return b"".join(parts)
 
 
-class HttpProtocol(HttpToolsProtocol):
+class HttpProtocol(asyncio.Protocol):
+    """One HTTP/1.1 connection: llhttp (httptools) parses, each request runs as an ASGI task.
+
+    The interface is uvicorn's (``uvicorn.Server`` makes one per connection with ``config``,
+    ``server_state`` and ``app_state``, keeps it in ``server_state.connections`` and calls
+    :meth:`shutdown` to drain), and so is what an app sees: the scope, ``receive`` and
+    ``send`` (:class:`_Cycle`), the 100-continue, HEAD, chunked, Content-Length and error
+    behaviour, pipelining and flow control. What it does not do is spend time a request does
+    not need: no per-request event, timer, or done callback; a head check over counts the
+    field callbacks kept; the head of a response joined with its body (:class:`_Corked`).
+    """
+
     def __init__(
         self,
         config: Config,
@@ -192,45 +256,123 @@ class HttpProtocol(HttpToolsProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        # Answer a request that came with a close before the bytes behind it (uvicorn too).
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.ws_protocol_class = config.ws_protocol_class
+        self.root_path = config.root_path
+        self._root_raw = config.root_path.encode("ascii")
+        self.limit_concurrency = config.limit_concurrency
+        self.timeout_keep_alive = config.timeout_keep_alive
+        self.access_log = server_state.access_log(config)
+        self.app_state = app_state
+        self.server_state = server_state
+        self.connections: set[Any] = server_state.connections
+        self.tasks = server_state.tasks
         self._state = server_state
-        self._limits = server_state.limits
-        self._in_head = False  # on_message_begin seen, on_headers_complete not yet
-        self._head_began_here = False  # ... in the chunk being fed now
-        self._head_bytes = 0
-        self._fields = 0
-        self._in_body = False
-        self._body_progress = False  # body data (or a head's end) in the chunk being fed
-        self._framing_run = 0  # bytes of the body since its last data: framing, trailers
-        self._body_seen_at = 0.0
+        limits = self._limits = server_state.limits
+        self._target_fits = limits.target_always_fits
+        self._max_fields = limits.max_header_fields
+        self._field_fits = limits.max_header_field_bytes - 2  # "NAME: VALUE"
+
+        # The connection.
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.server: tuple[str, int | None] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        self._cork: _Corked = None  # type: ignore[assignment]
+        self.pipeline: deque[tuple[_Cycle, Any]] = deque()
+        self.cycle: _Cycle | None = None  # the request parsed last
+        self._front: _Cycle | None = None  # the request being answered
+        self._read_paused = False
+        self._write_paused = False
+        self._writable: asyncio.Event | None = None  # made when writing first pauses
+        self._idle_since: float | None = None  # idle (between requests) since then
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._reject: Reject | None = None
         self._refused = False
-        self._cork: _Corked | None = None
+
+        # The request being parsed.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._fields = 0
+        self._hosts = 0
+        self._transfer_encoding = False
+        self._expect_100 = False
+        self._upgrading = False
+        self._method = b""
+        self._in_head = False  # on_message_begin seen, on_headers_complete not yet
+        self._head_began_here = False  # ... in the chunk being fed now
+        self._head_bytes = 0
+        self._in_body = False
+        self._body_progress = False  # body data (or a head's end) in the chunk being fed
+        self._framing_run = 0  # bytes of the body since its last data: framing, trailers
+        self._body_seen_at = 0.0
 
     # --- connection ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_idle()
+        self.connections.add(self)
+        self.transport = transport
+        self._cork = _Corked(transport, self.loop)
+        self.server = get_local_addr(transport)
+        self.client = get_remote_addr(transport)
+        if is_ssl(transport):
+            self.scheme = "https"
+        self._go_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
         self._cancel_timers()
-        super().connection_lost(exc)
+        for cycle in (self._front, self.cycle):
+            if cycle is not None:
+                if not cycle.response_complete:
+                    cycle.disconnected = True
+                cycle.wake()
+        for queued, _app in self.pipeline:
+            queued.disconnected = True
+        self._resume_writing()
+        if exc is None:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close once the answer in progress is written
 
     def _cancel_timers(self) -> None:
-        self._unset_keepalive_if_required()
-        for timer in (self._head_timer, self._body_timer):
+        for timer in (self._idle_timer, self._head_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._idle_timer = self._head_timer = self._body_timer = None
+        self._idle_since = None
 
-    def _arm_idle(self) -> None:
-        if self.timeout_keep_alive_task is None and not self.transport.is_closing():
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+    def _go_idle(self) -> None:
+        """Between requests: the keep-alive timeout runs from now.
+
+        One timer per connection, armed when it first goes idle and re-armed when it fires
+        early, so a request costs no timer of its own.
+        """
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        since = self._idle_since
+        if since is None or self.transport.is_closing():
+            return  # busy: the next idle moment arms the timer again
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle_check)
+        else:
+            self._flush()
+            self.transport.close()
 
     def _busy(self) -> bool:
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
@@ -238,16 +380,16 @@ class HttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # lingering: drop what the peer still sends
-        self._unset_keepalive_if_required()
+        self._idle_since = None
         self._head_began_here = False
         self._body_progress = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            if self._should_upgrade():
+            if self._upgrading:
                 self._upgrade(data[exc.args[0] :] if exc.args else b"")
             else:
-                self._unsupported_upgrade_warning()
+                self._unsupported_upgrade()
             return
         except httptools.HttpParserCallbackError:
             self._refuse(self._reject or Reject(400, "invalid HTTP request"))
@@ -284,37 +426,45 @@ class HttpProtocol(HttpToolsProtocol):
                 self._body_timer = self.loop.call_later(
                     self._state.body_timeout_s, self._body_expired
                 )
-        elif not self._busy():
-            self._arm_idle()  # bytes that began nothing (a stray CRLF): still idle
+        elif not self._busy() and not self.transport.is_closing():
+            self._go_idle()  # bytes that began nothing (a stray CRLF): still idle
 
     # --- parser callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_head = True
-        self._head_began_here = True
-        self._head_bytes = 0
-        self._fields = 0
+        self._url = b""
+        self._headers = []
+        self._fields = self._hosts = self._head_bytes = 0
+        self._transfer_encoding = self._expect_100 = False
+        self._in_head = self._head_began_here = True
 
     def _stop(self, reject: Reject) -> None:
         self._reject = reject
         raise _Refused(reject.reason)
 
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        if len(self.url) > self._limits.target_always_fits:
-            reject = rules.check_request_line(self.parser.get_method(), len(self.url), self._limits)
+        url = self._url = self._url + url if self._url else url
+        if len(url) > self._target_fits:
+            reject = rules.check_request_line(self.parser.get_method(), len(url), self._limits)
             if reject is not None:
                 self._stop(reject)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # a trailer field of a chunked body: never a request header
-        self._fields += 1
-        reject = rules.check_field(self._fields, name, value, self._limits)
-        if reject is not None:
-            self._stop(reject)
-        super().on_header(name, value)
+        fields = self._fields = self._fields + 1
+        if fields > self._max_fields or len(name) + len(value) > self._field_fits:
+            reject = rules.check_field(fields, name, value, self._limits)
+            if reject is not None:
+                self._stop(reject)
+        name = name.lower()
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"transfer-encoding":
+            self._transfer_encoding = True
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self._expect_100 = True
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -322,40 +472,135 @@ class HttpProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         parser = self.parser
-        reject = rules.check_head(
-            parser.get_http_version(), parser.get_method(), self.url, self.headers
-        )
+        version = parser.get_http_version()
+        method = self._method = parser.get_method()
+        url = self._url
+        reject = rules.check_head_counts(version, method, url, self._hosts, self._transfer_encoding)
         if reject is not None:
             self._stop(reject)
-        super().on_headers_complete()
-        if parser.should_upgrade() and self._should_upgrade():
+        self._upgrading = parser.should_upgrade() and self._should_upgrade()
+        if self._upgrading:
             return
-        cycle = self.cycle
-        if cycle is not None:
-            cork = self._cork
-            if cork is None:
-                cork = self._cork = _Corked(self.transport, self.loop)
-            cycle.transport = cork  # type: ignore[assignment]  # the transport's interface
-            if self._state.wsgi:
-                # For the WSGI bridge: stop iterating a response nobody receives.
-                scope: Any = self.scope  # HTTPScope types "extensions" too narrowly for this
-                scope["extensions"] = {"appliance.disconnected": lambda: cycle.disconnected}
-            if self._state.draining:
-                cycle.keep_alive = False
-        self._in_body = True
-        self._body_progress = True
+        if url[:1] == b"/" and b"#" not in url:  # origin-form, the usual case
+            raw_path, _, query = url.partition(b"?")
+        else:
+            parsed = httptools.parse_url(url)
+            raw_path, query = parsed.path, parsed.query or b""
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        if self.root_path:
+            path = self.root_path + path
+            raw_path = self._root_raw + raw_path
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "method": _METHODS.get(method) or method.decode("ascii"),
+            "root_path": self.root_path,
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": self._headers,
+            "state": self.app_state.copy(),
+        }
+        state = self._state
+        keep_alive = version != "1.0" and parser.should_keep_alive() and not state.draining
+        cycle = _Cycle(self, scope, keep_alive, self._expect_100)
+        if state.wsgi:
+            # For the WSGI bridge: stop iterating a response nobody receives.
+            scope["extensions"] = {"appliance.disconnected": lambda: cycle.disconnected}
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            _LOGGER.warning("Exceeded concurrency limit.")
+        else:
+            app = self.app
+        previous = self.cycle
+        self.cycle = cycle
+        if previous is None or previous.response_complete:
+            self._start(cycle, app)
+        else:  # pipelined behind a request still being answered
+            self._pause_reading()
+            self.pipeline.appendleft((cycle, app))
+        self._in_body = self._body_progress = True
         self._framing_run = 0
 
     def on_body(self, body: bytes) -> None:
         self._body_progress = True
-        super().on_body(body)
+        cycle = self.cycle
+        if self._upgrading or cycle is None or cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self._pause_reading()
+        cycle.wake()
 
     def on_message_complete(self) -> None:
         self._in_body = False
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
-        super().on_message_complete()
+        cycle = self.cycle
+        if self._upgrading or cycle is None or cycle.response_complete:
+            return
+        cycle.more_body = False
+        cycle.wake()
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _start(self, cycle: _Cycle, app: Any) -> None:
+        self._front = cycle
+        task = cycle.task = self.loop.create_task(cycle.run(app))
+        self.tasks.add(task)
+
+    def response_done(self) -> None:
+        """The cycle in front finished its response: start the next one, or go idle."""
+        self._state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start(cycle, app)
+        elif not self._in_head:
+            self._go_idle()
+
+    # --- flow control ---------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        if not self._write_paused:
+            self._write_paused = True
+            if self._writable is None:
+                self._writable = asyncio.Event()
+            self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._resume_writing()
+
+    def _resume_writing(self) -> None:
+        if self._write_paused:
+            self._write_paused = False
+            assert self._writable is not None
+            self._writable.set()
+
+    async def drain(self) -> None:
+        """Until the transport takes writes again (the client reads what we sent)."""
+        if self._write_paused and self._writable is not None:
+            await self._writable.wait()
 
     # --- timeouts -------------------------------------------------------------------------
 
@@ -372,7 +617,7 @@ class HttpProtocol(HttpToolsProtocol):
             return
         timeout = self._state.body_timeout_s
         left = self._body_seen_at + timeout - self.loop.time()
-        if self.flow.read_paused:
+        if self._read_paused:
             left = timeout  # we stopped reading (the app is slow), not the client
         if left > 0:
             self._body_timer = self.loop.call_later(left, self._body_expired)
@@ -385,7 +630,7 @@ class HttpProtocol(HttpToolsProtocol):
         if cycle is not None:
             started = cycle.response_started
             cycle.disconnected = True
-            cycle.message_event.set()
+            cycle.wake()
             if started:  # too late for a status: end the connection
                 self._flush()
                 self.transport.close()
@@ -400,14 +645,15 @@ class HttpProtocol(HttpToolsProtocol):
         self._in_head = self._in_body = False
         self._cancel_timers()
         self._flush()
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True
-            self.cycle.message_event.set()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.wake()
         transport = self.transport
         if transport.is_closing():
             return
-        transport.write(_response(reject.status, reject.reason, self.server_state.default_headers))
-        self.flow.resume_reading()
+        transport.write(_response(reject.status, reject.reason, self._state.default_headers))
+        self._resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
             self.loop.call_later(LINGER_S, transport.close)
@@ -418,9 +664,6 @@ class HttpProtocol(HttpToolsProtocol):
         """Write what the cork holds before we write or close on the transport directly."""
         if self._cork is not None:
             self._cork.flush()
-
-    def send_400_response(self, msg: str) -> None:
-        self._refuse(Reject(400, msg))
 
     # --- drain ----------------------------------------------------------------------------
 
@@ -442,6 +685,21 @@ class HttpProtocol(HttpToolsProtocol):
 
     # --- WebSocket upgrade ----------------------------------------------------------------
 
+    def _should_upgrade(self) -> bool:
+        if self.ws_protocol_class is None:
+            return False
+        connection: list[bytes] = []
+        upgrade = None
+        for name, value in self._headers:
+            if name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+            elif name == b"upgrade":
+                upgrade = value.lower()
+        return b"upgrade" in connection and upgrade == b"websocket"
+
+    def _unsupported_upgrade(self) -> None:
+        _LOGGER.warning("Unsupported upgrade request.")
+
     def _upgrade(self, rest: bytes) -> None:
         """Hand the connection to the WebSocket protocol, with its counter and its bytes."""
         self._cancel_timers()
@@ -452,8 +710,8 @@ class HttpProtocol(HttpToolsProtocol):
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
         _hand_loss_over(self, ws)
-        lines = [self.scope["method"].encode(), b" ", self.url, b" HTTP/1.1\r\n"]
-        for name, value in self.scope["headers"]:
+        lines = [self._method, b" ", self._url, b" HTTP/1.1\r\n"]
+        for name, value in self._headers:
             lines += [name, b": ", value, b"\r\n"]
         lines.append(b"\r\n")
         ws.connection_made(self.transport)
@@ -464,6 +722,214 @@ class HttpProtocol(HttpToolsProtocol):
                 ws.scheme = "wss"
         self.transport.set_protocol(ws)
         ws.data_received(b"".join(lines) + rest)
+
+
+class _Cycle:
+    """One request and its response: the ASGI ``receive`` and ``send`` of its task.
+
+    Behaves as uvicorn's cycle does (the tests in test_http_conformance.py hold the two side
+    by side): a head with ``Transfer-Encoding: chunked`` unless the app gave a length (or
+    the response has no body), ``Connection: close`` when the connection ends after it, a
+    ``RuntimeError`` for a message out of order or a body longer or shorter than its
+    Content-Length, a 500 for an app that fails (or returns) before it started a response.
+    """
+
+    __slots__ = (
+        "_event",
+        "_expected",
+        "_set",
+        "body",
+        "chunked",
+        "disconnected",
+        "keep_alive",
+        "more_body",
+        "proto",
+        "response_complete",
+        "response_started",
+        "scope",
+        "task",
+        "waiting_for_100_continue",
+    )
+
+    def __init__(
+        self, proto: HttpProtocol, scope: dict[str, Any], keep_alive: bool, expect_100: bool
+    ) -> None:
+        self.proto = proto
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_100
+        self.disconnected = False
+        self.body = bytearray()
+        self.more_body = True
+        self.response_started = False
+        self.response_complete = False
+        self.chunked: bool | None = None
+        self._expected = 0  # body bytes the Content-Length still promises
+        self._set = False  # something happened that receive() reports
+        self._event: asyncio.Event | None = None  # made when a receive() has to wait
+        self.task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    async def run(self, app: Any) -> None:
+        try:
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            _LOGGER.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self._send_500()
+            else:
+                self.proto._flush()
+                self.proto.transport.close()
+        else:
+            if result is not None:
+                _LOGGER.error("ASGI callable should return None, but returned '%s'.", result)
+                self.proto._flush()
+                self.proto.transport.close()
+            elif not self.response_started and not self.disconnected:
+                _LOGGER.error("ASGI callable returned without starting response.")
+                await self._send_500()
+            elif not self.response_complete and not self.disconnected:
+                _LOGGER.error("ASGI callable returned without completing response.")
+                self.proto._flush()
+                self.proto.transport.close()
+        finally:
+            self.proto.tasks.discard(self.task)
+            self.task = None
+
+    async def _send_500(self) -> None:
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", b"21"),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await self.send(
+            {"type": "http.response.body", "body": b"Internal Server Error", "more_body": False}
+        )
+
+    async def send(self, message: Any) -> None:
+        proto = self.proto
+        if proto._write_paused and not self.disconnected:
+            await proto.drain()
+        if self.disconnected:
+            return
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
+                )
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            status = message["status"]
+            if proto.access_log:
+                _log_access(self.scope, status)
+            content = [STATUS_LINE[status], proto._state.default_head()]
+            close_sent = False
+            for name, value in message.get("headers", ()):
+                if _BAD_NAME(name):
+                    raise RuntimeError("Invalid HTTP header name.")
+                if _BAD_VALUE(value):
+                    raise RuntimeError("Invalid HTTP header value.")
+                name = name.lower()
+                if name == b"content-length" and self.chunked is None:
+                    self._expected = int(value.decode())
+                    self.chunked = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self._expected = 0
+                    self.chunked = True
+                elif name == b"connection" and b"close" in [
+                    token.lower().strip() for token in value.split(b",")
+                ]:
+                    self.keep_alive = False
+                    close_sent = True
+                content += (name, b": ", value, b"\r\n")
+            if not self.keep_alive and not close_sent:
+                content.append(b"connection: close\r\n")
+            if self.chunked is None and status not in (204, 304) and self.scope["method"] != "HEAD":
+                self.chunked = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            content.append(b"\r\n")
+            proto._cork.write(b"".join(content))
+            return
+        if self.response_complete:
+            raise RuntimeError(
+                f"Unexpected ASGI message '{message['type']}' sent, after response already "
+                "completed."
+            )
+        if message["type"] != "http.response.body":
+            raise RuntimeError(
+                f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
+            )
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        cork = proto._cork
+        if self.scope["method"] == "HEAD":
+            self._expected = 0
+        elif self.chunked:
+            if body:
+                chunk = b"%x\r\n%b\r\n" % (len(body), body)
+                cork.write(chunk if more_body else chunk + b"0\r\n\r\n")
+            elif not more_body:
+                cork.write(b"0\r\n\r\n")
+        else:
+            if len(body) > self._expected:
+                raise RuntimeError("Response content longer than Content-Length")
+            self._expected -= len(body)
+            if body:
+                cork.write(body)
+        if more_body:
+            return
+        if self._expected != 0:
+            raise RuntimeError("Response content shorter than Content-Length")
+        self.response_complete = True
+        self.wake()
+        if not self.keep_alive:
+            cork.close()
+        else:
+            cork.flush()  # a HEAD's or an empty body's head, held for a body that never came
+        proto.response_done()
+
+    async def receive(self) -> Any:
+        proto = self.proto
+        if self.waiting_for_100_continue and not proto.transport.is_closing():
+            proto._flush()
+            proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+        if not self.disconnected and not self.response_complete:
+            proto._resume_reading()
+            if not self._set:
+                event = self._event
+                if event is None:
+                    event = self._event = asyncio.Event()
+                else:
+                    event.clear()
+                await event.wait()
+            self._set = False
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        message = {"type": "http.request", "body": bytes(self.body), "more_body": self.more_body}
+        self.body = bytearray()
+        return message
+
+
+def _log_access(scope: dict[str, Any], status: int) -> None:
+    _ACCESS_LOGGER.info(
+        '%s - "%s %s HTTP/%s" %d',
+        get_client_addr(scope),  # type: ignore[arg-type]
+        scope["method"],
+        get_path_with_query_string(scope),  # type: ignore[arg-type]
+        scope["http_version"],
+        status,
+    )
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -622,14 +1088,14 @@ class ProxyGate(asyncio.Protocol):
         inner = self._inner()
         _hand_loss_over(self, inner)
         inner.connection_made(transport)
-        if isinstance(inner, HttpToolsProtocol):
+        if isinstance(inner, HttpProtocol):
             _relay(inner, header)
         transport.set_protocol(inner)
         if rest:
             inner.data_received(rest)
 
 
-def _relay(protocol: HttpToolsProtocol, header: proxy.ProxyHeader) -> None:
+def _relay(protocol: HttpProtocol, header: proxy.ProxyHeader) -> None:
     """Give the HTTP protocol the header's view of the connection (ASGI client, server)."""
     source, destination = header.source, header.destination
     if isinstance(source, proxy.InetEndpoint):

@@ -36,6 +36,7 @@ __all__ = [
     "check_framing_bytes",
     "check_head",
     "check_head_bytes",
+    "check_head_counts",
     "check_request_line",
     "drain_action",
     "websocket_close_code",
@@ -134,8 +135,6 @@ def check_head(
     version: str, method: bytes, target: bytes, fields: Iterable[tuple[bytes, bytes]]
 ) -> Reject | None:
     """The RFC 9112 rules on a complete head (``fields`` with lower-cased names, in order)."""
-    if version not in _VERSIONS:
-        return Reject(505, f"HTTP/{version} is not supported; use HTTP/1.1")
     hosts = 0
     transfer_encoding = False
     for name, _ in fields:
@@ -143,6 +142,16 @@ def check_head(
             hosts += 1
         elif name == b"transfer-encoding":
             transfer_encoding = True
+    return check_head_counts(version, method, target, hosts, transfer_encoding)
+
+
+def check_head_counts(
+    version: str, method: bytes, target: bytes, hosts: int, transfer_encoding: bool
+) -> Reject | None:
+    """:func:`check_head` for a protocol that counted the head's Host fields (and saw
+    whether it has a Transfer-Encoding field) while the fields arrived."""
+    if version not in _VERSIONS:
+        return Reject(505, f"HTTP/{version} is not supported; use HTTP/1.1")
     if hosts > 1:
         return Reject(400, "more than one Host header field")
     if hosts == 0 and version == "1.1":
