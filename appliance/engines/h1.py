@@ -90,6 +90,8 @@ STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
 #: control byte other than tab: either would let an app split the response.
 _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]').search
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]").search
+#: ``_Cycle._expected`` of a body that the end of the connection delimits (HTTP/1.0).
+_UNTIL_CLOSE = -1
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
 #: How long a refused connection keeps reading (and dropping) what the peer still sends
@@ -827,12 +829,11 @@ class _Cycle:
                 raise RuntimeError(
                     f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
                 )
-            self.response_started = True
-            self.waiting_for_100_continue = False
             status = message["status"]
-            if proto.access_log:
-                _log_access(self.scope, status)
             content = [STATUS_LINE[status], proto._state.default_head()]
+            chunked: bool | None = None
+            expected = 0
+            keep_alive = self.keep_alive
             close_sent = False
             for name, value in message.get("headers", ()):
                 if _BAD_NAME(name):
@@ -840,23 +841,35 @@ class _Cycle:
                 if _BAD_VALUE(value):
                     raise RuntimeError("Invalid HTTP header value.")
                 name = name.lower()
-                if name == b"content-length" and self.chunked is None:
-                    self._expected = int(value.decode())
-                    self.chunked = False
+                if name == b"content-length" and chunked is None:
+                    expected = int(value.decode())
+                    chunked = False
                 elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                    self._expected = 0
-                    self.chunked = True
+                    expected = 0
+                    chunked = True
                 elif name == b"connection" and b"close" in [
                     token.lower().strip() for token in value.split(b",")
                 ]:
-                    self.keep_alive = False
+                    keep_alive = False
                     close_sent = True
                 content += (name, b": ", value, b"\r\n")
-            if not self.keep_alive and not close_sent:
+            # Only a head that is complete and valid starts the response: an app's bad header
+            # (or status) is answered 500 by run(), where uvicorn just closes the connection.
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            if proto.access_log:
+                _log_access(self.scope, status)
+            if not keep_alive and not close_sent:
                 content.append(b"connection: close\r\n")
-            if self.chunked is None and status not in (204, 304) and self.scope["method"] != "HEAD":
-                self.chunked = True
-                content.append(b"transfer-encoding: chunked\r\n")
+            if chunked is None and status not in (204, 304) and self.scope["method"] != "HEAD":
+                if self.scope["http_version"] == "1.0":
+                    # No chunked coding for an HTTP/1.0 client (RFC 9112 §6.1, uvicorn sends
+                    # it): the body ends where the connection does (1.0 is never kept alive).
+                    chunked, expected = False, _UNTIL_CLOSE
+                else:
+                    chunked = True
+                    content.append(b"transfer-encoding: chunked\r\n")
+            self.chunked, self._expected, self.keep_alive = chunked, expected, keep_alive
             content.append(b"\r\n")
             proto._cork.write(b"".join(content))
             return
@@ -881,14 +894,15 @@ class _Cycle:
             elif not more_body:
                 cork.write(b"0\r\n\r\n")
         else:
-            if len(body) > self._expected:
-                raise RuntimeError("Response content longer than Content-Length")
-            self._expected -= len(body)
+            if self._expected != _UNTIL_CLOSE:
+                if len(body) > self._expected:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self._expected -= len(body)
             if body:
                 cork.write(body)
         if more_body:
             return
-        if self._expected != 0:
+        if self._expected > 0:
             raise RuntimeError("Response content shorter than Content-Length")
         self.response_complete = True
         self.wake()
