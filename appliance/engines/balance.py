@@ -9,9 +9,14 @@ exits during a reload; a master-side hand-off costs ~16 µs of master CPU per co
 
 So each worker runs its own acceptor and the workers agree through a :class:`LoadBoard`, one
 int64 per worker in shared memory (a memfd) made by the master before forking: a worker
-accepts only while it has no more open connections than the least loaded other worker. A
-worker that is not the least loaded looks again on the next loop iteration, and accepts
-anyway after ``MAX_DEFER_S`` so that a stuck peer can never stall accepting.
+accepts only while it has no more open connections than the least loaded other worker, and
+accepts anyway after ``MAX_DEFER_S`` so that a stuck peer can never stall accepting.
+
+A worker that defers stops watching the socket: it is readable until a peer accepts, and a
+readable socket wakes the loop on every iteration (measured under new-connection load: about
+five wake-ups for nothing per connection, on the cores the peer and the clients need). It
+looks again after ``LOOK_AGAIN_S``, or at once when one of its own connections closes (then it
+may be the least loaded), whichever comes first.
 
 When ``accept()`` fails for lack of a resource (EMFILE: this worker is out of file
 descriptors; ENFILE, ENOBUFS, ENOMEM: the host is), the connection stays queued and the
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import resource
@@ -46,6 +52,7 @@ __all__ = [
     "BACKOFF_INITIAL_S",
     "BACKOFF_MAX_S",
     "LOG_EVERY_S",
+    "LOOK_AGAIN_S",
     "MAX_DEFER_S",
     "RESOURCE_ERRNOS",
     "Acceptor",
@@ -58,6 +65,8 @@ __all__ = [
 
 #: Longest a worker waits for a less loaded peer before accepting anyway.
 MAX_DEFER_S = 0.02
+#: How soon a deferring worker looks at the socket and the board again.
+LOOK_AGAIN_S = 0.001
 #: accept() errors that mean "no resource for a new connection now", not "no connection".
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Pause of accepting after the first resource failure of an episode; doubles per failure...
@@ -229,6 +238,17 @@ class _Counter:
         self.board = board
         self.lane = lane
         self.accepting = 0
+        #: Acceptors of this worker waiting to look again (see Acceptor._defer).
+        self.deferring: set[Acceptor] = set()
+
+    def closed(self) -> None:
+        """One of this worker's connections ended: publish, and let deferring acceptors look
+        again now (this worker may have become the least loaded)."""
+        self.open -= 1
+        self.publish()
+        if self.deferring:
+            for acceptor in list(self.deferring):
+                acceptor.look_again()
 
     def publish(self) -> None:
         if self.accepting:
@@ -238,6 +258,17 @@ class _Counter:
 
     def lowest_other(self) -> int:
         return self.board.lowest_other(self.lane)
+
+
+def _accepted_class(family: int, kind: int) -> type[socket.socket]:
+    """The socket class of this listener's accepted connections: ``socket.socket`` with its
+    family and type as plain class attributes. The loop reads both for every connection it
+    attaches, and the properties of ``socket.socket`` make an enum member each time."""
+    return type(
+        "AcceptedSocket",
+        (socket.socket,),
+        {"__slots__": (), "family": socket.AddressFamily(family), "type": socket.SocketKind(kind)},
+    )
 
 
 class Acceptor:
@@ -260,7 +291,8 @@ class Acceptor:
         self._sock = sock
         self._fd = sock.fileno()
         self._counter = counter
-        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._family, self._type, self._proto = int(sock.family), int(sock.type), sock.proto
+        self._accepted = _accepted_class(self._family, self._type)
         self._closed = False
         self._deferring_since: float | None = None
         # Resource failures (EMFILE...) in a row, since when, when last logged, and the
@@ -269,12 +301,24 @@ class Acceptor:
         self._failing_since = 0.0
         self._logged_at: float | None = None
         self._resume: asyncio.TimerHandle | None = None
+        self._look: asyncio.TimerHandle | None = None  # while deferring
+        self._watching = False
         self._done: asyncio.Future[None] = loop.create_future()
         self.sockets = [sock]
         sock.setblocking(False)
         counter.accepting += 1
         counter.publish()
-        loop.add_reader(self._fd, self._on_readable)
+        self._watch()
+
+    def _watch(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self._loop.add_reader(self._fd, self._on_readable)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._fd)
 
     def _on_readable(self) -> None:
         # Accept while we are (still) the least loaded, a few per wake-up: a burst of new
@@ -287,12 +331,10 @@ class Acceptor:
                 time.monotonic(),
             )
             if not ok:
-                # Someone else is less loaded. The socket stays readable (level-triggered), so
-                # the loop calls us again on its next iteration; a timer of even 1 ms would cut
-                # new-connection throughput threefold.
+                self._defer()  # someone else is less loaded
                 return
             try:
-                conn, _ = self._sock.accept()
+                fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # no socket object yet
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # another worker took it, or the client gave up
             except OSError as exc:
@@ -303,9 +345,25 @@ class Acceptor:
                 self._recovered()
             self._counter.open += 1
             self._counter.publish()
-            if self._tcp:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._loop.create_task(self._attach(conn))
+            # uvloop's TCP transport sets TCP_NODELAY itself (test_balance checks it).
+            self._attach(self._accepted(self._family, self._type, self._proto, fd))
+
+    def _defer(self) -> None:
+        """Stop watching the readable socket until :meth:`look_again` (module docstring)."""
+        self._unwatch()
+        self._counter.deferring.add(self)
+        if self._look is None:
+            self._look = self._loop.call_later(LOOK_AGAIN_S, self.look_again)
+
+    def look_again(self) -> None:
+        """Watch the socket again after deferring: on the timer, or when a connection of
+        this worker closed. ``may_accept`` still knows since when we defer."""
+        self._counter.deferring.discard(self)
+        if self._look is not None:
+            self._look.cancel()
+            self._look = None
+        if not self._closed and self._resume is None:  # not closed, not paused
+            self._watch()
 
     def _pause(self, code: int) -> None:
         """Out of descriptors or memory: stop watching the socket for a while (see the module
@@ -315,7 +373,8 @@ class Acceptor:
         if self._failures == 1:
             self._failing_since = now
         delay, log_it = accept_pause(self._failures, self._logged_at, now)
-        self._loop.remove_reader(self._fd)
+        self._stop_looking()
+        self._unwatch()
         self._counter.accepting -= 1
         self._counter.publish()
         self._resume = self._loop.call_later(delay, self._resume_accepting)
@@ -338,7 +397,13 @@ class Acceptor:
             return
         self._counter.accepting += 1
         self._counter.publish()
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._watch()
+
+    def _stop_looking(self) -> None:
+        self._counter.deferring.discard(self)
+        if self._look is not None:
+            self._look.cancel()
+            self._look = None
 
     def _recovered(self) -> None:
         if self._logged_at is not None:
@@ -356,30 +421,46 @@ class Acceptor:
         lost = protocol.connection_lost
 
         def connection_lost(exc: Exception | None) -> None:
-            counter.open -= 1
-            counter.publish()
+            counter.closed()
             lost(exc)
 
         protocol.connection_lost = connection_lost  # type: ignore[method-assign]
         return protocol
 
-    async def _attach(self, conn: socket.socket) -> None:
+    def _attach(self, conn: socket.socket) -> None:
+        """Give ``conn`` to the loop as a transport of our protocol.
+
+        ``connect_accepted_socket`` is a coroutine that only waits for the transport to call
+        ``connection_made``. It is stepped here by hand, now and when that wait is over,
+        instead of in a task of its own: a task per connection cost more than the rest of
+        the accept did.
+        """
+        self._step(self._loop.connect_accepted_socket(self._counting_factory, conn), conn)
+
+    def _step(self, steps: Any, conn: socket.socket, _waited: object = None) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._counting_factory, conn)
+            waiting = steps.send(None)
+        except StopIteration:
+            return  # attached
         except Exception:  # noqa: BLE001 - the peer vanished before we attached
-            self._counter.open -= 1
-            self._counter.publish()
+            self._counter.closed()
             conn.close()
+            return
+        if waiting is None:  # a bare yield: go on at the next iteration
+            self._loop.call_soon(self._step, steps, conn)
+        else:
+            waiting.add_done_callback(functools.partial(self._step, steps, conn))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._resume is not None:  # paused: not watching, and not counted as accepting
+        self._stop_looking()
+        self._unwatch()
+        if self._resume is not None:  # paused: not counted as accepting
             self._resume.cancel()
             self._resume = None
         else:
-            self._loop.remove_reader(self._fd)
             self._counter.accepting -= 1
             self._counter.publish()
         if not self._done.done():

@@ -14,6 +14,7 @@ from appliance.engines.balance import (
     BACKOFF_INITIAL_S,
     BACKOFF_MAX_S,
     LOG_EVERY_S,
+    LOOK_AGAIN_S,
     MAX_DEFER_S,
     RESOURCE_ERRNOS,
     Acceptor,
@@ -83,17 +84,22 @@ def test_accept_pause_logs_once_per_episode_then_at_most_every_log_every_s() -> 
     assert accept_pause(12, 100.0, 100.0 + LOG_EVERY_S)[1] is True
 
 
+class _Plain(asyncio.Protocol):
+    """A protocol that accepts connections and does nothing (the acceptor wraps its
+    ``connection_lost``, which asyncio.Protocol's empty __slots__ would refuse)."""
+
+
 class _FailingSocket(socket.socket):
     """A real listening socket (so the loop can watch it) whose accept() fails on demand."""
 
     fail_with: int | None = None
     calls = 0
 
-    def accept(self) -> tuple[socket.socket, object]:
+    def _accept(self) -> tuple[int, object]:  # what the acceptor calls: no socket object yet
         self.calls += 1
         if self.fail_with is not None:
             raise OSError(self.fail_with, os.strerror(self.fail_with))
-        return super().accept()
+        return super()._accept()  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("code", sorted(RESOURCE_ERRNOS))
@@ -110,7 +116,7 @@ def test_resource_failure_pauses_accepting_marks_lane_dead_logs_then_resumes(cod
         assert lane is not None and other is not None
         board.publish(other, 9)
         counter = _Counter(board, lane)
-        acceptor = Acceptor(loop, asyncio.Protocol, listener, counter)
+        acceptor = Acceptor(loop, _Plain, listener, counter)
         assert board.value(lane) == 0
         listener.fail_with = code
         with capture_logs() as captured:
@@ -175,7 +181,7 @@ def test_close_while_paused_neither_resumes_nor_double_counts() -> None:
         lane = board.claim()
         assert lane is not None
         counter = _Counter(board, lane)
-        acceptor = Acceptor(loop, asyncio.Protocol, listener, counter)
+        acceptor = Acceptor(loop, _Plain, listener, counter)
         listener.fail_with = errno.EMFILE
         with capture_logs():
             acceptor._on_readable()
@@ -199,12 +205,97 @@ def test_other_accept_errors_drop_that_connection_only() -> None:
         board = LoadBoard(capacity=1)
         lane = board.claim()
         assert lane is not None
-        acceptor = Acceptor(loop, asyncio.Protocol, listener, _Counter(board, lane))
+        acceptor = Acceptor(loop, _Plain, listener, _Counter(board, lane))
         listener.fail_with = errno.EPROTO
         with capture_logs() as captured:
             acceptor._on_readable()
         assert captured == [] and acceptor._resume is None
         assert loop.remove_reader(listener.fileno()), "still watching"
+    finally:
+        loop.close()
+        listener.close()
+
+
+# --- deferring, and what an accepted connection gets ------------------------------------------
+
+
+def test_a_deferring_acceptor_stops_watching_and_looks_again_on_its_timer_or_own_close() -> None:
+    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        board = LoadBoard(capacity=2)
+        lane, other = board.claim(), board.claim()
+        assert lane is not None and other is not None
+        board.publish(other, 0)
+        counter = _Counter(board, lane)
+        counter.open = 1  # more loaded than the other worker
+        acceptor = Acceptor(loop, _Plain, listener, counter)
+        acceptor._on_readable()
+        # Deferring: the readable socket is not watched (no wake-up per loop iteration), the
+        # connection stays queued for the peer, and a timer looks again soon.
+        assert not loop.remove_reader(listener.fileno())
+        assert counter.open == 1 and acceptor in counter.deferring
+        look = acceptor._look
+        assert look is not None
+        assert look.when() - loop.time() == pytest.approx(LOOK_AGAIN_S, abs=0.05)
+        # One of our connections closes: we may be the least loaded now; look at once.
+        counter.open += 1
+        counter.closed()
+        assert look.cancelled() and acceptor._look is None and not counter.deferring
+        assert acceptor._watching
+        acceptor._on_readable()  # 1 open, the peer 0: defers again
+        assert not acceptor._watching and acceptor._look is not None
+        acceptor.look_again()  # the timer
+        assert acceptor._watching
+        board.publish(other, 5)
+        acceptor._on_readable()  # now the least loaded: accepts the queued connection
+        assert counter.open == 2 and acceptor._watching
+        acceptor.close()
+        assert not acceptor._watching and acceptor._look is None
+        acceptor.look_again()  # a timer that fired anyway watches nothing
+        assert not loop.remove_reader(listener.fileno())
+    finally:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        client.close()
+        listener.close()
+
+
+def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_counted() -> None:
+    import uvloop
+
+    loop = uvloop.Loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    made: asyncio.Future[asyncio.Transport] = loop.create_future()
+    lost: asyncio.Future[None] = loop.create_future()
+
+    class Protocol(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.set_result(transport)  # type: ignore[arg-type]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set_result(None)
+
+    try:
+        board = LoadBoard(capacity=1)
+        lane = board.claim()
+        assert lane is not None
+        counter = _Counter(board, lane)
+        acceptor = Acceptor(loop, Protocol, listener, counter)
+        client = socket.create_connection(listener.getsockname())
+        transport = loop.run_until_complete(asyncio.wait_for(made, 10))
+        sock = transport.get_extra_info("socket")
+        # We no longer set it ourselves: uvloop's TCP transport does.
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert sock.getpeername() == client.getsockname()
+        assert counter.open == 1 and board.value(lane) == 1
+        client.close()
+        loop.run_until_complete(asyncio.wait_for(lost, 10))
+        assert counter.open == 0 and board.value(lane) == 0
+        acceptor.close()
     finally:
         loop.close()
         listener.close()
