@@ -125,6 +125,13 @@ class ServingState(ServerState):
         self._head_for: list[tuple[bytes, bytes]] | None = None
         self._head = b""
         self._access_log: bool | None = None
+        self._flusher: _Flusher | None = None
+
+    def flusher(self, loop: asyncio.AbstractEventLoop) -> _Flusher:
+        """The worker's one :class:`_Flusher` (made on its loop, by the first connection)."""
+        if self._flusher is None:
+            self._flusher = _Flusher(loop)
+        return self._flusher
 
     def access_log(self, config: Config) -> bool:
         """Whether requests are logged (uvicorn's rule: asked for, and the logger has a
@@ -146,25 +153,44 @@ class ServingState(ServerState):
         return self._head
 
 
+class _Flusher:
+    """Writes what the worker's corks still hold at the end of the loop's iteration: one
+    callback per iteration for every connection of the worker, not one per response."""
+
+    __slots__ = ("_held", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._held: list[_Corked] = []
+
+    def add(self, cork: _Corked) -> None:
+        if not self._held:
+            self._loop.call_soon(self._run)
+        self._held.append(cork)
+
+    def _run(self) -> None:
+        held, self._held = self._held, []
+        for cork in held:
+            cork.flush()
+
+
 class _Corked:
     """A connection's transport as its responses see it: a response's head waits for the
     first write behind it, so the head and a short body cost one system call, not two.
 
-    uvicorn writes the head at ``http.response.start`` and the body at the next
-    ``http.response.body``, which an app sends in the same step of its task. So a write with
-    nothing held is held (and a flush scheduled for the end of the loop's iteration, for an
-    app that sends the head alone and its body later); the next write joins it and goes out at
-    once. Large writes, a close, or that flush write what is held. Everything else is the
-    transport's.
+    An app sends ``http.response.start`` and its body in the same step of its task, mostly.
+    So a write with nothing held is held (and the worker's :class:`_Flusher` writes it at the
+    end of the loop's iteration, for an app that sends the head alone and its body later);
+    the next write joins it and goes out at once. Large writes, a close, or that flush write
+    what is held.
     """
 
-    __slots__ = ("_held", "_loop", "_scheduled", "_transport")
+    __slots__ = ("_flusher", "_held", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, flusher: _Flusher) -> None:
         self._transport = transport
-        self._loop = loop
+        self._flusher = flusher
         self._held: bytes | None = None
-        self._scheduled = False
 
     def write(self, data: bytes) -> None:
         held = self._held
@@ -176,15 +202,9 @@ class _Corked:
             self._transport.write(held)
         elif len(data) <= CORK_LIMIT:
             self._held = data
-            if not self._scheduled:
-                self._scheduled = True
-                self._loop.call_soon(self._flush_soon)
+            self._flusher.add(self)
             return
         self._transport.write(data)
-
-    def _flush_soon(self) -> None:
-        self._scheduled = False
-        self.flush()
 
     def flush(self) -> None:
         held = self._held
@@ -323,7 +343,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.connections.add(self)
         self.transport = transport
-        self._cork = _Corked(transport, self.loop)
+        self._cork = _Corked(transport, self._state.flusher(self.loop))
         self.server = get_local_addr(transport)
         self.client = get_remote_addr(transport)
         if is_ssl(transport):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.engines.h1 import CORK_LIMIT, _Corked
+from appliance.engines.h1 import CORK_LIMIT, _Corked, _Flusher
 
 
 class Transport:
@@ -38,7 +38,7 @@ class Loop:
 
 def _corked() -> tuple[_Corked, Transport, Loop]:
     transport, loop = Transport(), Loop()
-    return _Corked(transport, loop), transport, loop  # type: ignore[arg-type]
+    return _Corked(transport, _Flusher(loop)), transport, loop  # type: ignore[arg-type]
 
 
 def test_a_head_and_its_body_are_one_write_at_once():
@@ -96,3 +96,17 @@ def test_nothing_is_written_once_the_transport_closes():
     cork.write(b"after the peer left")
     cork.flush()
     assert transport.writes == []
+
+
+def test_the_worker_flushes_every_held_head_with_one_callback_per_iteration():
+    loop = Loop()
+    flusher = _Flusher(loop)  # type: ignore[arg-type]
+    pairs = [(_Corked(t, flusher), t) for t in (Transport(), Transport(), Transport())]  # type: ignore[arg-type]
+    for i, (cork, _) in enumerate(pairs):
+        cork.write(b"head %d" % i)
+    pairs[1][0].write(b" and body")  # joined at once; nothing left for the flush
+    assert len(loop.soon) == 1
+    loop.end_of_iteration()
+    assert [t.writes for _, t in pairs] == [[b"head 0"], [b"head 1 and body"], [b"head 2"]]
+    pairs[0][0].write(b"next")  # a later iteration schedules again
+    assert len(loop.soon) == 1
