@@ -11,6 +11,7 @@ generation's template process), open the control socket, then hand over to
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import resource
 import time
@@ -274,6 +275,10 @@ def serve(
         open_files_limit=nofile[0],
     )
     notifier.send(systemd.mainpid(pid))
+    # `appliance serve` starts up with the collector paused (cli): what start-up built lives
+    # as long as the master, so it is frozen out of the collector's walks, not walked first.
+    gc.freeze()
+    gc.enable()
     return master.run()
 
 

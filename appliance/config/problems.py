@@ -14,7 +14,6 @@ pydantic's ``ValidationError`` into problems, blaming the file that set each key
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +179,8 @@ def _unknown_key(root: type[BaseModel], loc: Sequence[int | str]) -> str:
         name = str(loc[-1])
         close = []
         if len(name) <= _MAX_SUGGESTED_KEY:
+            import difflib  # only for an unknown key: `appliance serve` starts without it
+
             close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
         if close:
             message += f'; did you mean "{dotted_key([*loc[:-1], close[0]])}"?'

@@ -14,8 +14,6 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import tomli_w
-
 if TYPE_CHECKING:
     from appliance.config.load import LoadedConfig
 
@@ -89,6 +87,8 @@ def render_toml(loaded: LoadedConfig) -> str:
     settings, which makes it a safe starting point for a new config and what
     ``appliance config`` prints.
     """
+    import tomli_w  # `appliance config` only: not loaded by `appliance serve`
+
     header = f"# effective configuration, digest {loaded.digest}\n"
     return header + tomli_w.dumps(_without_none(loaded.settings.model_dump(mode="json")))
 

@@ -70,7 +70,6 @@ from appliance.master.events import (
 from appliance.master.signals import SignalPipe
 from appliance.master.state import MasterState
 from appliance.worker import channel, protocol, template
-from appliance.worker import main as worker_main
 
 if TYPE_CHECKING:
     from appliance.agent import AgentServer
@@ -741,7 +740,7 @@ class Master:
                 self.deps.notifier.close()
             spec = self._template_spec(generation, environment, template_end, tuple(master_fds))
         except BaseException:  # noqa: BLE001 - never return into the master's loop
-            os._exit(worker_main.EXIT_CRASH)
+            os._exit(template.EXIT_CRASH)
         template.run(spec)
 
     def _template_spec(

@@ -33,6 +33,7 @@ import gc
 import os
 import pickle
 import resource
+import select
 import signal
 import socket
 import sys
@@ -41,16 +42,24 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn
 
 from appliance import appenv, log
-from appliance.importer import AppImportError, check_importable, import_app
 from appliance.worker import channel
-from appliance.worker import main as worker_main
 
 if TYPE_CHECKING:
     from appliance.engines.balance import LoadBoard
     from appliance.engines.settings import EngineSettings
 
-__all__ = ["EXIT_BOOT_ERROR", "PreTemplate", "TemplateSpec", "hand_over", "prefork", "run"]
+__all__ = [
+    "EXIT_BOOT_ERROR",
+    "EXIT_CRASH",
+    "PreTemplate",
+    "TemplateSpec",
+    "hand_over",
+    "prefork",
+    "run",
+]
 
+# A template exits like a worker (see appliance.worker.main, which the master does not load).
+EXIT_CRASH = 1
 EXIT_BOOT_ERROR = 3
 
 
@@ -116,12 +125,16 @@ def prefork() -> PreTemplate | None:
 def _await_spec(sock: socket.socket) -> NoReturn:
     code = 0
     try:
+        gc.enable()  # `appliance serve` forks us with its collector paused (cli._cmd_serve)
         _reset_signals()
         # Nothing the master opened is ours (its stdin, stdout and stderr aside): what the
         # template needs comes with the spec.
         os.closerange(3, sock.fileno())
         os.closerange(sock.fileno() + 1, _max_fd())
-        from appliance.engines import asgi  # noqa: F401  # the work this process exists for
+        # The work this process exists for: the engine, and the worker's code run() needs.
+        from appliance import importer  # noqa: F401
+        from appliance.engines import asgi  # noqa: F401
+        from appliance.worker import main  # noqa: F401
 
         spec = _receive_spec(sock)
         if spec is not None:
@@ -209,7 +222,7 @@ def _reset_signals() -> None:
 
 
 def run(spec: TemplateSpec) -> NoReturn:
-    code = 1
+    code = EXIT_CRASH
     try:
         _reset_signals()
         for fd in spec.close_fds:
@@ -224,8 +237,11 @@ def run(spec: TemplateSpec) -> NoReturn:
         ours = appenv.engine_versions() if spec.environment.site_dir is not None else {}
         # The engine first, from appliance's own packages: the app (and an app venv with its
         # own uvicorn) then shares this copy, and every worker inherits it instead of
-        # importing it again after its fork.
+        # importing it again after its fork. So does the worker's own code (the master never
+        # loads it).
         from appliance.engines import asgi  # noqa: F401
+        from appliance.importer import AppImportError, check_importable, import_app
+        from appliance.worker import main as worker_main  # noqa: F401
 
         appenv.enter(spec.environment)
         if spec.environment.site_dir is not None:
@@ -263,36 +279,63 @@ def run(spec: TemplateSpec) -> NoReturn:
 
 
 def _serve_spawns(spec: TemplateSpec, app: object) -> int:
+    # Middle processes not reaped yet. Every spawn already sent is forked before any of them
+    # is waited for, so the workers of a pool that starts (or grows) together are forked side
+    # by side rather than one middle's lifetime apart.
+    middles: list[int] = []
     while True:
+        if middles and not _pending(spec.channel):
+            _reap(middles)
         try:
             received = channel.receive(spec.channel)
         except InterruptedError:
             continue
         except OSError:
-            return 0
+            break
         if received is None:
-            return 0  # the master closed our channel: this generation is done (or it died)
+            break  # the master closed our channel: this generation is done (or it died)
         msg, fd = received
         if not isinstance(msg, channel.Spawn) or fd is None:
             if fd is not None:
                 os.close(fd)
             log.get_logger().warning("template.bad_message", message=repr(msg))
             continue
-        _fork_worker(spec, msg, fd, app)
+        middle = _fork_worker(spec, msg, fd, app)
+        if middle is not None:
+            middles.append(middle)
+    _reap(middles)
+    return 0
 
 
-def _fork_worker(spec: TemplateSpec, msg: channel.Spawn, report_fd: int, app: object) -> None:
+def _pending(sock: socket.socket) -> bool:
+    """Whether the master's next message (or EOF) can be read without waiting."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False  # reap first, as if nothing were waiting; the receive then reports it
+
+
+def _reap(middles: list[int]) -> None:
+    """Wait for the middle processes: each exits right after forking its worker."""
+    while middles:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(middles.pop(), 0)
+
+
+def _fork_worker(spec: TemplateSpec, msg: channel.Spawn, report_fd: int, app: object) -> int | None:
+    """Fork the middle process for one worker; its pid, to be reaped (None: fork failed)."""
     try:
         middle = os.fork()
     except OSError as exc:
         os.close(report_fd)
         channel.send(spec.channel, channel.SpawnFailed(msg.key, f"fork failed: {exc}"))
-        return
+        return None
     if middle == 0:
         _middle(spec, msg, report_fd, app)
     os.close(report_fd)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(middle, 0)
+    return middle
 
 
 def _middle(spec: TemplateSpec, msg: channel.Spawn, report_fd: int, app: object) -> NoReturn:
@@ -303,6 +346,8 @@ def _middle(spec: TemplateSpec, msg: channel.Spawn, report_fd: int, app: object)
         channel.send(spec.channel, channel.SpawnFailed(msg.key, f"fork failed: {exc}"))
         os._exit(1)
     if pid == 0:
+        from appliance.worker import main as worker_main  # loaded by run(), before any fork
+
         with contextlib.suppress(OSError):
             spec.channel.close()
         worker_main.run(
