@@ -1054,7 +1054,8 @@ def meaning(res: dict[str, Any], tg: list[tuple[str, str, bool | None]]) -> list
             f"{_pct1(sum(s for _, s in ours))} % ("
             + (", ".join(f"{c.removeprefix('appliance ')} {_pct1(s)} %" for c, s in ours[:5])
                or "none")
-            + f"), uvicorn's protocol and ASGI cycle {_pct1(uv)} %, uvloop/libuv "
+            + f"), uvicorn's code {_pct1(uv)} % (the HTTP protocol and ASGI cycle are "
+            "appliance's own, engines/h1.py), uvloop/libuv "
             f"{_pct1(comps.get('uvloop/libuv'))} %, llhttp "
             f"{_pct1(comps.get('httptools/llhttp'))} %, the app "
             f"{_pct1(comps.get('app (bench/apps)'))} %; the most own time: " + ", ".join(
