@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
@@ -184,9 +186,7 @@ class NotifySocket:
         with self._cond:
             return [m for _, m in self.messages]
 
-    def wait_for(
-        self, pred: Callable[[str], bool], timeout: float = 30.0, since: int = 0
-    ) -> str:
+    def wait_for(self, pred: Callable[[str], bool], timeout: float = 30.0, since: int = 0) -> str:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -407,3 +407,52 @@ def running(master: Master) -> Iterator[Master]:
         yield master
     finally:
         master.kill_group()
+
+
+_UVICORN_RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
+@contextmanager
+def uvicorn_server(target: str, *flags: str) -> Iterator[int]:
+    """Plain uvicorn (httptools, uvloop) serving ``target`` from tests/apps on port 0, the
+    reference the HTTP tests compare with; yields the port it logs once it listens (no
+    free-port race, no polling), and kills it at the end."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "uvicorn", "--http", "httptools", "--loop", "uvloop"),
+            *("--no-access-log", "--host", "127.0.0.1", "--port", "0", *flags),
+            *("--app-dir", str(APPS), target),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        start_new_session=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:  # also keeps uvicorn's tracebacks from filling the pipe
+        assert proc.stderr is not None
+        for raw in iter(proc.stderr.readline, b""):
+            lines.put(raw.decode("utf-8", "replace"))
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        deadline, seen = time.monotonic() + 30, []
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError("uvicorn did not start:\n" + "".join(seen))
+            seen.append(line)
+            if match := _UVICORN_RUNNING.search(line):
+                port = int(match.group(1))
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
+                yield port
+                return
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

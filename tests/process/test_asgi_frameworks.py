@@ -14,15 +14,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
-import queue
-import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Self
 
 import pytest
-from harness import APPS, Master, base_config, clean_env, http_get, short_tmpdir, write_config
+from harness import APPS, Master, base_config, http_get, short_tmpdir, uvicorn_server, write_config
 
 starlette = pytest.importorskip("starlette")
 pytest.importorskip("fastapi")
@@ -88,51 +82,6 @@ def fast() -> Iterator[Master]:
 def name() -> str:
     """A rendezvous name of this test alone (gates and notes live as long as the worker)."""
     return uuid.uuid4().hex[:12]
-
-
-_RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-
-
-@contextmanager
-def _uvicorn(target: str) -> Iterator[int]:
-    """Plain uvicorn (httptools, uvloop) on port 0; yields the port it logs once listening."""
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "uvicorn", "--http", "httptools", "--loop", "uvloop"),
-            *("--no-access-log", "--host", "127.0.0.1", "--port", "0"),
-            *("--app-dir", str(APPS), target),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-        start_new_session=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def drain() -> None:  # also keeps uvicorn's tracebacks from filling the pipe
-        assert proc.stderr is not None
-        for raw in iter(proc.stderr.readline, b""):
-            lines.put(raw.decode("utf-8", "replace"))
-        lines.put(None)
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        deadline, seen = time.monotonic() + 30, []
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                raise AssertionError("uvicorn did not start:\n" + "".join(seen))
-            seen.append(line)
-            if match := _RUNNING.search(line):
-                yield int(match.group(1))
-                return
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 # --- clients --------------------------------------------------------------------------------
@@ -492,13 +441,13 @@ def _boom(port: int) -> tuple[bytes, dict[str, str], bytes, str]:
         return status, fields, body, _fate(raw, "/state")
 
 
-def test_exception_is_a_500_and_ends_the_connection_as_under_uvicorn(star):
+def test_exception_is_a_500_and_ends_the_connection_as_underuvicorn_server(star):
     mark = star.logs.mark()
     status, fields, body, fate = _boom(star.port)
     assert (status, body) == (b"HTTP/1.1 500 Internal Server Error", b"Internal Server Error")
     star.logs.wait_for("app.exception", since=mark, timeout=TIMEOUT_S)
     # Starlette answered, then re-raised: the server closes the connection (uvicorn too).
-    with _uvicorn("asgi_frameworks:starlette_app") as port:
+    with uvicorn_server("asgi_frameworks:starlette_app") as port:
         reference = _boom(port)
     assert fate == reference[3] == "closed"
     unique = {"date", "server"}

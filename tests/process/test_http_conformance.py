@@ -16,21 +16,14 @@ asserts appliance's answer explicitly and says why.
 
 from __future__ import annotations
 
-import os
-import queue
-import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from harness import APPS, Master, base_config, clean_env, short_tmpdir, write_config
+from harness import APPS, Master, base_config, short_tmpdir, uvicorn_server, write_config
 
 #: How long one exchange may take before it is recorded as ``timeout``.
 EXCHANGE_S = 10.0
@@ -59,67 +52,10 @@ def appliance() -> Iterator[int]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-_RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-
-
 @pytest.fixture(scope="module")
 def uvicorn() -> Iterator[int]:
-    # Port 0 and the port uvicorn logs once it listens: no free-port race, no polling.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--http",
-            "httptools",
-            "--loop",
-            "uvloop",
-            "--no-access-log",
-            "--no-server-header",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--app-dir",
-            str(APPS),
-            "conformapp:app",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-        start_new_session=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def drain() -> None:  # also keeps uvicorn's error log from filling the pipe
-        assert proc.stderr is not None
-        for raw in iter(proc.stderr.readline, b""):
-            lines.put(raw.decode("utf-8", "replace"))
-        lines.put(None)
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        yield _port_from_log(lines, deadline=time.monotonic() + 30)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
-def _port_from_log(lines: queue.Queue[str | None], deadline: float) -> int:
-    seen: list[str] = []
-    while True:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            line = None
-        if line is None:
-            raise AssertionError("uvicorn did not start:\n" + "".join(seen))
-        seen.append(line)
-        if match := _RUNNING.search(line):
-            port = int(match.group(1))
-            socket.create_connection(("127.0.0.1", port), timeout=10).close()
-            return port
+    with uvicorn_server("conformapp:app", "--no-server-header") as port:
+        yield port
 
 
 # --- the client: exact bytes out, framed answers in --------------------------------------
