@@ -358,10 +358,7 @@ class Acceptor:
     def look_again(self) -> None:
         """Watch the socket again after deferring: on the timer, or when a connection of
         this worker closed. ``may_accept`` still knows since when we defer."""
-        self._counter.deferring.discard(self)
-        if self._look is not None:
-            self._look.cancel()
-            self._look = None
+        self._stop_looking()
         if not self._closed and self._resume is None:  # not closed, not paused
             self._watch()
 

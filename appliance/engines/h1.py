@@ -360,12 +360,12 @@ class HttpProtocol(asyncio.Protocol):
                 cycle.wake()
         for queued, _app in self.pipeline:
             queued.disconnected = True
-        self._resume_writing()
+        self.resume_writing()
         if exc is None:
             self.transport.close()
 
     def eof_received(self) -> bool | None:
-        return None  # close once the answer in progress is written
+        return None  # the transport closes, as uvicorn's does
 
     def _cancel_timers(self) -> None:
         for timer in (self._idle_timer, self._head_timer, self._body_timer):
@@ -393,8 +393,7 @@ class HttpProtocol(asyncio.Protocol):
         if left > 0:
             self._idle_timer = self.loop.call_later(left, self._idle_check)
         else:
-            self._flush()
-            self.transport.close()
+            self._close()
 
     def _busy(self) -> bool:
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
@@ -411,7 +410,7 @@ class HttpProtocol(asyncio.Protocol):
             if self._upgrading:
                 self._upgrade(data[exc.args[0] :] if exc.args else b"")
             else:
-                self._unsupported_upgrade()
+                _LOGGER.warning("Unsupported upgrade request.")
             return
         except httptools.HttpParserCallbackError:
             self._refuse(self._reject or Reject(400, "invalid HTTP request"))
@@ -497,7 +496,7 @@ class HttpProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         method = self._method = parser.get_method()
         url = self._url
-        reject = rules.check_head_counts(version, method, url, self._hosts, self._transfer_encoding)
+        reject = rules.check_head(version, method, url, self._hosts, self._transfer_encoding)
         if reject is not None:
             self._stop(reject)
         self._upgrading = parser.should_upgrade() and self._should_upgrade()
@@ -611,9 +610,6 @@ class HttpProtocol(asyncio.Protocol):
             self._writable.clear()
 
     def resume_writing(self) -> None:
-        self._resume_writing()
-
-    def _resume_writing(self) -> None:
         if self._write_paused:
             self._write_paused = False
             assert self._writable is not None
@@ -654,8 +650,7 @@ class HttpProtocol(asyncio.Protocol):
             cycle.disconnected = True
             cycle.wake()
             if started:  # too late for a status: end the connection
-                self._flush()
-                self.transport.close()
+                self._close()
                 return
         self._refuse(reject)
 
@@ -687,6 +682,10 @@ class HttpProtocol(asyncio.Protocol):
         if self._cork is not None:
             self._cork.flush()
 
+    def _close(self) -> None:
+        """Close the connection after what the cork holds."""
+        self._cork.close()
+
     # --- drain ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -700,8 +699,7 @@ class HttpProtocol(asyncio.Protocol):
                 cycle.keep_alive = False
         elif action is Drain.CLOSE:
             self._cancel_timers()
-            self._flush()
-            self.transport.close()
+            self._close()
         # Drain.WAIT: the next request is answered with "Connection: close"
         # (on_headers_complete), or the idle timeout ends the connection.
 
@@ -714,13 +712,10 @@ class HttpProtocol(asyncio.Protocol):
         upgrade = None
         for name, value in self._headers:
             if name == b"connection":
-                connection = [token.lower().strip() for token in value.split(b",")]
+                connection = _tokens(value)
             elif name == b"upgrade":
                 upgrade = value.lower()
         return b"upgrade" in connection and upgrade == b"websocket"
-
-    def _unsupported_upgrade(self) -> None:
-        _LOGGER.warning("Unsupported upgrade request.")
 
     def _upgrade(self, rest: bytes) -> None:
         """Hand the connection to the WebSocket protocol, with its counter and its bytes."""
@@ -804,20 +799,17 @@ class _Cycle:
             if not self.response_started:
                 await self._send_500()
             else:
-                self.proto._flush()
-                self.proto.transport.close()
+                self.proto._close()
         else:
             if result is not None:
                 _LOGGER.error("ASGI callable should return None, but returned '%s'.", result)
-                self.proto._flush()
-                self.proto.transport.close()
+                self.proto._close()
             elif not self.response_started and not self.disconnected:
                 _LOGGER.error("ASGI callable returned without starting response.")
                 await self._send_500()
             elif not self.response_complete and not self.disconnected:
                 _LOGGER.error("ASGI callable returned without completing response.")
-                self.proto._flush()
-                self.proto.transport.close()
+                self.proto._close()
         finally:
             self.proto.tasks.discard(self.task)
             self.task = None
@@ -867,9 +859,7 @@ class _Cycle:
                 elif name == b"transfer-encoding" and value.lower() == b"chunked":
                     expected = 0
                     chunked = True
-                elif name == b"connection" and b"close" in [
-                    token.lower().strip() for token in value.split(b",")
-                ]:
+                elif name == b"connection" and b"close" in _tokens(value):
                     keep_alive = False
                     close_sent = True
                 content += (name, b": ", value, b"\r\n")
@@ -953,6 +943,11 @@ class _Cycle:
         message = {"type": "http.request", "body": bytes(self.body), "more_body": self.more_body}
         self.body = bytearray()
         return message
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    """The lower-cased tokens of a comma-separated field value (``Connection``)."""
+    return [token.lower().strip() for token in value.split(b",")]
 
 
 def _log_access(scope: dict[str, Any], status: int) -> None:

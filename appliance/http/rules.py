@@ -23,7 +23,6 @@ we cannot know where the next request would start.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "check_framing_bytes",
     "check_head",
     "check_head_bytes",
-    "check_head_counts",
     "check_request_line",
     "drain_action",
     "websocket_close_code",
@@ -132,24 +130,10 @@ def check_framing_bytes(run: int, limits: HeadLimits) -> Reject | None:
 
 
 def check_head(
-    version: str, method: bytes, target: bytes, fields: Iterable[tuple[bytes, bytes]]
-) -> Reject | None:
-    """The RFC 9112 rules on a complete head (``fields`` with lower-cased names, in order)."""
-    hosts = 0
-    transfer_encoding = False
-    for name, _ in fields:
-        if name == b"host":
-            hosts += 1
-        elif name == b"transfer-encoding":
-            transfer_encoding = True
-    return check_head_counts(version, method, target, hosts, transfer_encoding)
-
-
-def check_head_counts(
     version: str, method: bytes, target: bytes, hosts: int, transfer_encoding: bool
 ) -> Reject | None:
-    """:func:`check_head` for a protocol that counted the head's Host fields (and saw
-    whether it has a Transfer-Encoding field) while the fields arrived."""
+    """The RFC 9112 rules on a complete head: ``hosts`` Host fields, and whether it has a
+    Transfer-Encoding field (the engine counts both as the fields arrive)."""
     if version not in _VERSIONS:
         return Reject(505, f"HTTP/{version} is not supported; use HTTP/1.1")
     if hosts > 1:

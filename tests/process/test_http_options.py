@@ -32,16 +32,22 @@ def _request(sock: socket.socket, target: bytes) -> bytes:
     return head
 
 
-def test_access_log_writes_one_uvicorn_style_line_per_response(start_master, workdir):
+def _serve(start_master, workdir, **http):
+    """A ready master serving echoapp with one worker and these ``[http]`` settings."""
     m = start_master(
         base_config(
             workdir,
             app={"target": "echoapp:app", "directory": str(APPS)},
             workers={"count": 1},
-            http={"access_log": True},
+            http=http,
         )
     )
     m.ready()
+    return m
+
+
+def test_access_log_writes_one_uvicorn_style_line_per_response(start_master, workdir):
+    m = _serve(start_master, workdir, access_log=True)
     since = m.logs.mark()
     with socket.create_connection(("127.0.0.1", m.port), timeout=10) as sock:
         assert _request(sock, b"/a%20b?x=1").startswith(b"HTTP/1.1 200 ")
@@ -51,12 +57,7 @@ def test_access_log_writes_one_uvicorn_style_line_per_response(start_master, wor
 
 
 def test_no_access_log_by_default(start_master, workdir):
-    m = start_master(
-        base_config(
-            workdir, app={"target": "echoapp:app", "directory": str(APPS)}, workers={"count": 1}
-        )
-    )
-    m.ready()
+    m = _serve(start_master, workdir)
     with socket.create_connection(("127.0.0.1", m.port), timeout=10) as sock:
         assert _request(sock, b"/").startswith(b"HTTP/1.1 200 ")
         # A second answer on the same connection: the first one's log line, if any, came
@@ -68,15 +69,7 @@ def test_no_access_log_by_default(start_master, workdir):
 
 
 def test_limit_concurrency_answers_503_past_the_limit(start_master, workdir):
-    m = start_master(
-        base_config(
-            workdir,
-            app={"target": "echoapp:app", "directory": str(APPS)},
-            workers={"count": 1},
-            http={"limit_concurrency": 2},
-        )
-    )
-    m.ready()
+    m = _serve(start_master, workdir, limit_concurrency=2)
     with socket.create_connection(("127.0.0.1", m.port), timeout=10) as first:
         assert _request(first, b"/").startswith(b"HTTP/1.1 200 ")
         # The first connection stays open (idle): with this one, the worker has 2.

@@ -84,6 +84,16 @@ def test_accept_pause_logs_once_per_episode_then_at_most_every_log_every_s() -> 
     assert accept_pause(12, 100.0, 100.0 + LOG_EVERY_S)[1] is True
 
 
+def _close(loop: asyncio.AbstractEventLoop, *sockets: socket.socket) -> None:
+    """End a test's loop (whatever it still runs) and its sockets."""
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    for sock in sockets:
+        sock.close()
+
+
 class _Plain(asyncio.Protocol):
     """A protocol that accepts connections and does nothing (the acceptor wraps its
     ``connection_lost``, which asyncio.Protocol's empty __slots__ would refuse)."""
@@ -163,12 +173,7 @@ def test_resource_failure_pauses_accepting_marks_lane_dead_logs_then_resumes(cod
         acceptor.close()
         assert board.value(lane) > 1_000_000
     finally:
-        for task in asyncio.all_tasks(loop):
-            task.cancel()
-        loop.run_until_complete(asyncio.sleep(0))
-        loop.close()
-        client.close()
-        listener.close()
+        _close(loop, client, listener)
 
 
 def test_close_while_paused_neither_resumes_nor_double_counts() -> None:
@@ -256,12 +261,7 @@ def test_a_deferring_acceptor_stops_watching_and_looks_again_on_its_timer_or_own
         acceptor.look_again()  # a timer that fired anyway watches nothing
         assert not loop.remove_reader(listener.fileno())
     finally:
-        for task in asyncio.all_tasks(loop):
-            task.cancel()
-        loop.run_until_complete(asyncio.sleep(0))
-        loop.close()
-        client.close()
-        listener.close()
+        _close(loop, client, listener)
 
 
 def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_counted() -> None:
