@@ -27,6 +27,12 @@ back-off that grows from ``BACKOFF_INITIAL_S`` to ``BACKOFF_MAX_S`` while the fa
 spare take the queue, and logs ``worker.accept_failed`` once per episode and then at most
 every ``LOG_EVERY_S``. Connections already open keep being served; each one that closes frees
 the descriptor the next accept needs.
+
+The acceptor also knows each connection's addresses without asking the kernel again:
+``accept`` returned the peer's, and a listener bound to one address (not a wildcard, not a
+unix socket) gives every connection the same local one. It hands both to the protocol as
+``accepted_addresses`` (``(server, client)``, in the shape uvicorn gives ASGI), which saves
+the loop's transport a socket object and three system calls per connection.
 """
 
 from __future__ import annotations
@@ -56,9 +62,12 @@ __all__ = [
     "MAX_DEFER_S",
     "RESOURCE_ERRNOS",
     "Acceptor",
+    "Addresses",
     "LoadBoard",
     "Readiness",
     "accept_pause",
+    "fixed_local",
+    "inet_address",
     "loop_factory",
     "may_accept",
 ]
@@ -77,6 +86,26 @@ BACKOFF_MAX_S = 1.0
 LOG_EVERY_S = 10.0
 _DEAD = 1 << 40  # a lane nobody accepts for: never the minimum
 _BATCH = 16  # most connections accepted per wake-up
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+#: ``(server, client)`` of a connection as ASGI's scope carries them.
+Addresses = tuple[tuple[str, int] | None, tuple[str, int] | None]
+
+
+def inet_address(address: Any) -> tuple[str, int] | None:
+    """``(host, port)`` of a socket address (pure): ``None`` for a unix socket's, which is a
+    path or empty. The same rule as uvicorn's ``get_remote_addr``/``get_local_addr``."""
+    return (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
+
+
+def fixed_local(listener_address: Any) -> tuple[bool, tuple[str, int] | None]:
+    """Whether every connection a listener accepts has the same local address, and that
+    address (pure). Not for a wildcard bind: a connection's local address is the one its
+    client dialled."""
+    local = inet_address(listener_address)
+    if local is not None and local[0] in _WILDCARDS:
+        return False, None
+    return True, local
 
 
 class Readiness(IntEnum):
@@ -293,6 +322,7 @@ class Acceptor:
         self._counter = counter
         self._family, self._type, self._proto = int(sock.family), int(sock.type), sock.proto
         self._accepted = _accepted_class(self._family, self._type)
+        self._local_fixed, self._local = fixed_local(sock.getsockname())
         self._closed = False
         self._deferring_since: float | None = None
         # Resource failures (EMFILE...) in a row, since when, when last logged, and the
@@ -334,7 +364,7 @@ class Acceptor:
                 self._defer()  # someone else is less loaded
                 return
             try:
-                fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # no socket object yet
+                fd, peer = self._sock._accept()  # type: ignore[attr-defined]  # no socket object yet
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # another worker took it, or the client gave up
             except OSError as exc:
@@ -346,7 +376,15 @@ class Acceptor:
             self._counter.open += 1
             self._counter.publish()
             # uvloop's TCP transport sets TCP_NODELAY itself (test_balance checks it).
-            self._attach(self._accepted(self._family, self._type, self._proto, fd))
+            conn = self._accepted(self._family, self._type, self._proto, fd)
+            if self._local_fixed:
+                local = self._local
+            else:
+                try:
+                    local = inet_address(conn.getsockname())
+                except OSError:  # already reset: the transport finds out and closes
+                    local = None
+            self._attach(conn, (local, inet_address(peer)))
 
     def _defer(self) -> None:
         """Stop watching the readable socket until :meth:`look_again` (module docstring)."""
@@ -412,8 +450,9 @@ class Acceptor:
         self._failures = 0
         self._logged_at = None
 
-    def _counting_factory(self) -> asyncio.Protocol:
+    def _counting_factory(self, addresses: Addresses) -> asyncio.Protocol:
         protocol = self._factory()
+        protocol.accepted_addresses = addresses  # type: ignore[attr-defined]
         counter = self._counter
         lost = protocol.connection_lost
 
@@ -424,7 +463,7 @@ class Acceptor:
         protocol.connection_lost = connection_lost  # type: ignore[method-assign]
         return protocol
 
-    def _attach(self, conn: socket.socket) -> None:
+    def _attach(self, conn: socket.socket, addresses: Addresses) -> None:
         """Give ``conn`` to the loop as a transport of our protocol.
 
         ``connect_accepted_socket`` is a coroutine that only waits for the transport to call
@@ -432,7 +471,8 @@ class Acceptor:
         instead of in a task of its own: a task per connection cost more than the rest of
         the accept did.
         """
-        self._step(self._loop.connect_accepted_socket(self._counting_factory, conn), conn)
+        factory = functools.partial(self._counting_factory, addresses)
+        self._step(self._loop.connect_accepted_socket(factory, conn), conn)
 
     def _step(self, steps: Any, conn: socket.socket, _waited: object = None) -> None:
         try:

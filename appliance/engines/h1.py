@@ -306,6 +306,8 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.server: tuple[str, int | None] | None = None
         self.client: tuple[str, int] | None = None
+        #: ``(server, client)`` when the balanced acceptor knew them (engines.balance).
+        self.accepted_addresses: tuple[Any, Any] | None = None
         self.scheme = "http"
         self._cork: _Corked = None  # type: ignore[assignment]
         self.pipeline: deque[tuple[_Cycle, Any]] = deque()
@@ -344,8 +346,11 @@ class HttpProtocol(asyncio.Protocol):
         self.connections.add(self)
         self.transport = transport
         self._cork = _Corked(transport, self._state.flusher(self.loop))
-        self.server = get_local_addr(transport)
-        self.client = get_remote_addr(transport)
+        if self.accepted_addresses is None:
+            self.server = get_local_addr(transport)
+            self.client = get_remote_addr(transport)
+        else:
+            self.server, self.client = self.accepted_addresses
         if is_ssl(transport):
             self.scheme = "https"
         self._go_idle()
@@ -1038,10 +1043,14 @@ class ProxyGate(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
         self.transport: asyncio.Transport | None = None
+        self.accepted_addresses: tuple[Any, Any] | None = None  # see HttpProtocol's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        peer = transport.get_extra_info("peername")
+        if self.accepted_addresses is None:
+            peer = transport.get_extra_info("peername")
+        else:
+            peer = self.accepted_addresses[1]
         # A unix socket's peer has no address ('' or None): trusted, see proxy.is_trusted.
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else None
         if not self._policy.trusts(self._peer):
@@ -1116,6 +1125,8 @@ class ProxyGate(asyncio.Protocol):
         assert transport is not None
         inner = self._inner()
         _hand_loss_over(self, inner)
+        if isinstance(inner, HttpProtocol):
+            inner.accepted_addresses = self.accepted_addresses
         inner.connection_made(transport)
         if isinstance(inner, HttpProtocol):
             _relay(inner, header)

@@ -1,4 +1,5 @@
-"""``[http] access_log`` and ``limit_concurrency`` through the real master and our protocol.
+"""``[http] access_log``, ``limit_concurrency`` and ``accept`` through the real master and our
+protocol.
 
 Both follow uvicorn's rules (the protocol keeps its interface): an access line per response in
 uvicorn's format under the ``uvicorn.access`` event, and a 503 with ``Connection: close``
@@ -7,8 +8,10 @@ once the worker's connections (this one included) or requests in flight reach th
 
 from __future__ import annotations
 
+import json
 import socket
 
+import pytest
 from harness import APPS, base_config
 
 
@@ -79,3 +82,46 @@ def test_limit_concurrency_answers_503_past_the_limit(start_master, workdir):
             assert b"connection: close" in head.lower()
             assert second.recv(1) == b""  # closed after the answer
         m.logs.wait_for("uvicorn.server", where=lambda e: "concurrency" in e.get("message", ""))
+
+
+def _addresses_seen(m, family: int, host: str) -> tuple[dict, tuple]:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect((host, m.port))
+        sock.sendall(b"GET /addresses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return json.loads(data.partition(b"\r\n\r\n")[2]), sock.getsockname()
+
+
+@pytest.mark.parametrize("accept", ["balanced", "kernel"])
+@pytest.mark.parametrize(
+    ("bind", "family", "dial"),
+    [
+        ("127.0.0.1:0", socket.AF_INET, "127.0.0.1"),  # one address: the acceptor knows it
+        ("0.0.0.0:0", socket.AF_INET, "127.0.0.1"),  # a wildcard: asked per connection
+        ("[::]:0", socket.AF_INET6, "::1"),
+    ],
+)
+def test_scope_addresses_are_the_connection_s_own(
+    start_master, workdir, accept, bind, family, dial
+):
+    """ASGI's ``client`` and ``server`` are the two ends of the connection, whichever way it
+    was accepted (the balanced acceptor passes what ``accept`` told it; uvicorn's rule asks
+    the transport)."""
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    m = start_master(
+        base_config(
+            workdir,
+            listen=[{"name": "http", "address": bind}],
+            app={"target": "echoapp:app", "directory": str(APPS)},
+            workers={"count": 1},
+            http={"accept": accept},
+        )
+    )
+    m.ready()
+    seen, mine = _addresses_seen(m, family, dial)
+    assert seen["client"] == [mine[0], mine[1]]
+    assert seen["server"] == [dial, m.port]

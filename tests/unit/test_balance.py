@@ -21,6 +21,8 @@ from appliance.engines.balance import (
     LoadBoard,
     _Counter,
     accept_pause,
+    fixed_local,
+    inet_address,
     may_accept,
 )
 from appliance.log import capture_logs
@@ -264,6 +266,21 @@ def test_a_deferring_acceptor_stops_watching_and_looks_again_on_its_timer_or_own
         _close(loop, client, listener)
 
 
+def test_socket_addresses_in_asgi_shape() -> None:
+    assert inet_address(("10.0.0.1", 8000)) == ("10.0.0.1", 8000)
+    assert inet_address(("::1", 8000, 0, 0)) == ("::1", 8000)
+    assert inet_address("/run/appliance.sock") is None
+    assert inet_address("") is None  # an unnamed unix peer
+
+
+def test_only_a_listener_on_one_address_has_a_fixed_local_address() -> None:
+    assert fixed_local(("127.0.0.1", 8000)) == (True, ("127.0.0.1", 8000))
+    assert fixed_local(("::1", 8000, 0, 0)) == (True, ("::1", 8000))
+    assert fixed_local("/run/appliance.sock") == (True, None)
+    assert fixed_local(("0.0.0.0", 8000)) == (False, None)
+    assert fixed_local(("::", 8000, 0, 0)) == (False, None)
+
+
 def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_counted() -> None:
     import uvloop
 
@@ -271,9 +288,11 @@ def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_cou
     listener = socket.create_server(("127.0.0.1", 0))
     made: asyncio.Future[asyncio.Transport] = loop.create_future()
     lost: asyncio.Future[None] = loop.create_future()
+    protocols: list[asyncio.Protocol] = []
 
     class Protocol(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            protocols.append(self)
             made.set_result(transport)  # type: ignore[arg-type]
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -291,6 +310,11 @@ def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_cou
         # We no longer set it ourselves: uvloop's TCP transport does.
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         assert sock.getpeername() == client.getsockname()
+        # What accept() said, handed to the protocol: ASGI's (server, client).
+        assert protocols[0].accepted_addresses == (  # type: ignore[attr-defined]
+            listener.getsockname(),
+            client.getsockname(),
+        )
         assert counter.open == 1 and board.value(lane) == 1
         client.close()
         loop.run_until_complete(asyncio.wait_for(lost, 10))
