@@ -71,6 +71,8 @@ from appliance.http.rules import Drain, HeadLimits, Reject
 if TYPE_CHECKING:
     from uvicorn.config import Config
 
+    from appliance.engines.balance import Addresses
+
 __all__ = ["LINGER_S", "HttpProtocol", "ProxyGate", "ServingState", "WebSocketProtocol"]
 
 _LOGGER = logging.getLogger("uvicorn.error")  # uvicorn's names: log.py maps their events
@@ -307,7 +309,7 @@ class HttpProtocol(asyncio.Protocol):
         self.server: tuple[str, int | None] | None = None
         self.client: tuple[str, int] | None = None
         #: ``(server, client)`` when the balanced acceptor knew them (engines.balance).
-        self.accepted_addresses: tuple[Any, Any] | None = None
+        self.accepted_addresses: Addresses | None = None
         self.scheme = "http"
         self._cork: _Corked = None  # type: ignore[assignment]
         self.pipeline: deque[tuple[_Cycle, Any]] = deque()
@@ -1043,7 +1045,7 @@ class ProxyGate(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
         self.transport: asyncio.Transport | None = None
-        self.accepted_addresses: tuple[Any, Any] | None = None  # see HttpProtocol's
+        self.accepted_addresses: Addresses | None = None  # see HttpProtocol's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
