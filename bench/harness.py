@@ -216,17 +216,32 @@ def med(xs: Sequence[float | None]) -> float | None:
     return statistics.median(ys) if ys else None
 
 
-def python_cpu_work_ms() -> float:
-    """Median time of one call of the cpu app's loop in this interpreter, in ms."""
+def python_cpu_work_ms(iterations: int) -> float:
+    """Median time of one call of the cpu app's loop of ``iterations`` in this interpreter,
+    in ms."""
     from bench.apps.work import cpu_work
 
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
         for _ in range(20):
-            cpu_work()
+            cpu_work(iterations)
         times.append((time.perf_counter() - t0) / 20 * 1000)
-    return round(statistics.median(times), 3)
+    return statistics.median(times)
+
+
+def calibrate_cpu_work() -> tuple[int, float]:
+    """The cpu app's iteration count for ``CPU_TARGET_MS`` here, and what it then takes (ms).
+
+    Exported as ``BENCH_CPU_ITERATIONS``, which every peer's cpu app reads at import (they
+    inherit this process's environment), so the cpu scenario costs the same time per request
+    on a fast and on a slow machine (bench/apps/work.py)."""
+    from bench.apps import work
+
+    first = python_cpu_work_ms(work.DEFAULT_ITERATIONS)
+    iterations = max(1000, round(work.DEFAULT_ITERATIONS * work.CPU_TARGET_MS / first))
+    os.environ["BENCH_CPU_ITERATIONS"] = str(iterations)
+    return iterations, round(python_cpu_work_ms(iterations), 3)
 
 
 def rotated(items: list[Any], rep: int, reps: int) -> list[Any]:
@@ -1033,9 +1048,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "peer_descriptions": peers.DESCRIPTIONS,
         "versions": versions(), "machine": machine(), "skipped": {},
         **{s: [] for s in SCENARIOS}}
-    result["python_cpu_work_ms"] = python_cpu_work_ms()
+    result["python_cpu_iterations"], result["python_cpu_work_ms"] = calibrate_cpu_work()
     peers.NODE_CPU_TARGET_MS = result["python_cpu_work_ms"]
-    b.say(f"python cpu loop: {result['python_cpu_work_ms']:.3f} ms (node's is calibrated to it)")
+    b.say(f"python cpu loop: {result['python_cpu_iterations']} iterations, "
+          f"{result['python_cpu_work_ms']:.3f} ms (node's is calibrated to it)")
     if not a.no_compile:
         result["bytecode"] = precompile()
         b.say(f"byte-compiled appliance/, bench/, site-packages in "

@@ -416,8 +416,12 @@ def _method(res: dict[str, Any]) -> list[str]:
         "test, so hello numbers are a client+server total, and nginx's are what this "
         "machine can do with wrk beside it (the ceiling)."),
         "- **Apps.** `hello` returns a short body naming the pid (nginx: `return 200` with the "
-        "same body); `cpu` does a fixed loop of arithmetic"
-        + (f" ({res['python_cpu_work_ms']:.2f} ms in Python on this machine at the start of "
+        "same body); `cpu` does a loop of arithmetic"
+        + (f" ({res['python_cpu_iterations']} iterations, calibrated at the start of the run "
+           f"to take {res['python_cpu_work_ms']:.2f} ms in Python on this machine, so the "
+           "scenario costs the same per request on a fast and a slow host)"
+           if res.get("python_cpu_iterations") else
+           f" ({res['python_cpu_work_ms']:.2f} ms in Python on this machine at the start of "
            "the run)" if res.get("python_cpu_work_ms") else "")
         + "; node runs the same loop, each worker calibrating its iteration count at start "
         "(after a JIT warm-up) to take the same time, so node's cpu numbers measure its "
