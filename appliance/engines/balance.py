@@ -32,7 +32,11 @@ The acceptor also knows each connection's addresses without asking the kernel ag
 ``accept`` returned the peer's, and a listener bound to one address (not a wildcard, not a
 unix socket) gives every connection the same local one. It hands both to the protocol as
 ``accepted_addresses`` (``(server, client)``, in the shape uvicorn gives ASGI), which saves
-the loop's transport a socket object and three system calls per connection.
+the loop's transport a socket object and three system calls per connection. On such a
+listener it gives uvloop the bare descriptor (:class:`_Descriptor`), not a socket object,
+whose constructor would ask the kernel for the address once more; and our protocols report a
+connection's end through an ``on_lost`` hook, not a per-connection wrapper of
+``connection_lost``.
 """
 
 from __future__ import annotations
@@ -300,6 +304,52 @@ def _accepted_class(family: int, kind: int) -> type[socket.socket]:
     )
 
 
+class _Descriptor:
+    """An accepted connection's descriptor in the shape ``connect_accepted_socket`` reads:
+    ``family``, ``type`` and ``fileno()``, and ``close()``, which the loop calls after libuv
+    has closed the descriptor (so it only forgets the number: closing it again could close a
+    newer connection that reused it).
+
+    It stands in for a ``socket.socket`` where the acceptor needs nothing else from one (a
+    listener with a fixed local address): that constructor asks the kernel for the address
+    once more, and the object is made, detached and freed for every connection.
+    """
+
+    __slots__ = ("fd",)
+    family: socket.AddressFamily
+    type: socket.SocketKind
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        self.fd = -1
+
+    def discard(self) -> None:
+        """The loop never took the descriptor: close it."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _descriptor_class(family: int, kind: int) -> type[_Descriptor]:
+    return type(
+        "AcceptedDescriptor",
+        (_Descriptor,),
+        {"__slots__": (), "family": socket.AddressFamily(family), "type": socket.SocketKind(kind)},
+    )
+
+
+def _discard(conn: socket.socket | _Descriptor) -> None:
+    if isinstance(conn, _Descriptor):
+        conn.discard()
+    else:
+        conn.close()
+
+
 class Acceptor:
     """Accepts connections for one listening socket on the worker's loop.
 
@@ -314,15 +364,22 @@ class Acceptor:
         protocol_factory: Callable[[], asyncio.Protocol],
         sock: socket.socket,
         counter: _Counter,
+        *,
+        descriptors: bool = False,
     ) -> None:
+        """``descriptors``: the loop is uvloop's, which takes a :class:`_Descriptor` where
+        ``connect_accepted_socket`` wants a socket (asyncio's own loops need the socket)."""
         self._loop = loop
         self._factory = protocol_factory
         self._sock = sock
         self._fd = sock.fileno()
         self._counter = counter
         self._family, self._type, self._proto = int(sock.family), int(sock.type), sock.proto
-        self._accepted = _accepted_class(self._family, self._type)
         self._local_fixed, self._local = fixed_local(sock.getsockname())
+        self._accepted = _accepted_class(self._family, self._type)
+        self._descriptor = _descriptor_class(self._family, self._type)
+        self._light = descriptors and self._local_fixed
+        self._closed_one = counter.closed
         self._closed = False
         self._deferring_since: float | None = None
         # Resource failures (EMFILE...) in a row, since when, when last logged, and the
@@ -376,10 +433,11 @@ class Acceptor:
             self._counter.open += 1
             self._counter.publish()
             # uvloop's TCP transport sets TCP_NODELAY itself (test_balance checks it).
-            conn = self._accepted(self._family, self._type, self._proto, fd)
-            if self._local_fixed:
-                local = self._local
-            else:
+            conn: socket.socket | _Descriptor
+            if self._light:
+                conn, local = self._descriptor(fd), self._local
+            else:  # the local address is the one this client dialled: ask
+                conn = self._accepted(self._family, self._type, self._proto, fd)
                 try:
                     local = inet_address(conn.getsockname())
                 except OSError:  # already reset: the transport finds out and closes
@@ -451,19 +509,25 @@ class Acceptor:
         self._logged_at = None
 
     def _counting_factory(self, addresses: Addresses) -> asyncio.Protocol:
+        """The protocol of a new connection, told its addresses and how to report its end.
+
+        Our protocols (engines.h1) have an ``on_lost`` hook that ``connection_lost`` calls
+        first; any other protocol gets its ``connection_lost`` wrapped."""
         protocol = self._factory()
         protocol.accepted_addresses = addresses  # type: ignore[attr-defined]
-        counter = self._counter
-        lost = protocol.connection_lost
+        if hasattr(protocol, "on_lost"):
+            protocol.on_lost = self._closed_one
+            return protocol
+        closed, lost = self._closed_one, protocol.connection_lost
 
         def connection_lost(exc: Exception | None) -> None:
-            counter.closed()
+            closed()
             lost(exc)
 
         protocol.connection_lost = connection_lost  # type: ignore[method-assign]
         return protocol
 
-    def _attach(self, conn: socket.socket, addresses: Addresses) -> None:
+    def _attach(self, conn: socket.socket | _Descriptor, addresses: Addresses) -> None:
         """Give ``conn`` to the loop as a transport of our protocol.
 
         ``connect_accepted_socket`` is a coroutine that only waits for the transport to call
@@ -472,16 +536,17 @@ class Acceptor:
         the accept did.
         """
         factory = functools.partial(self._counting_factory, addresses)
-        self._step(self._loop.connect_accepted_socket(factory, conn), conn)
+        # A _Descriptor only on uvloop (see __init__), which reads no more than it has.
+        self._step(self._loop.connect_accepted_socket(factory, conn), conn)  # type: ignore[arg-type]
 
-    def _step(self, steps: Any, conn: socket.socket, _waited: object = None) -> None:
+    def _step(self, steps: Any, conn: socket.socket | _Descriptor, _waited: object = None) -> None:
         try:
             waiting = steps.send(None)
         except StopIteration:
             return  # attached
         except Exception:  # noqa: BLE001 - the peer vanished before we attached
             self._counter.closed()
-            conn.close()
+            _discard(conn)
             return
         if waiting is None:  # a bare yield: go on at the next iteration
             self._loop.call_soon(self._step, steps, conn)
@@ -522,6 +587,6 @@ def loop_factory(board: LoadBoard, lane: int) -> Callable[[], asyncio.AbstractEv
         ) -> Any:
             if sock is None:
                 return await super().create_server(protocol_factory, *args, sock=sock, **kw)
-            return Acceptor(self, protocol_factory, sock, counter)
+            return Acceptor(self, protocol_factory, sock, counter, descriptors=True)
 
     return _BalancedLoop

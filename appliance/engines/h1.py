@@ -229,7 +229,7 @@ def _hand_loss_over(old: asyncio.BaseProtocol, new: asyncio.BaseProtocol) -> Non
     """``new`` takes the transport from ``old``: chain ``old``'s connection_lost behind its own.
 
     The balanced acceptor counts a connection through the first protocol's connection_lost
-    (which it wrapped); once the transport reports to another protocol (a WebSocket upgrade,
+    (its ``on_lost`` hook); once the transport reports to another protocol (a WebSocket upgrade,
     the PROXY gate handing over), that count must still end when the connection does.
     """
     new_lost, old_lost = new.connection_lost, old.connection_lost
@@ -310,6 +310,8 @@ class HttpProtocol(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         #: ``(server, client)`` when the balanced acceptor knew them (engines.balance).
         self.accepted_addresses: Addresses | None = None
+        #: Called first in connection_lost: the balanced acceptor counts the connection's end.
+        self.on_lost: Callable[[], object] | None = None
         self.scheme = "http"
         self._cork: _Corked = None  # type: ignore[assignment]
         self.pipeline: deque[tuple[_Cycle, Any]] = deque()
@@ -358,6 +360,8 @@ class HttpProtocol(asyncio.Protocol):
         self._go_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
         self.connections.discard(self)
         self._cancel_timers()
         for cycle in (self._front, self.cycle):
@@ -1046,6 +1050,7 @@ class ProxyGate(asyncio.Protocol):
         self._done = False
         self.transport: asyncio.Transport | None = None
         self.accepted_addresses: Addresses | None = None  # see HttpProtocol's
+        self.on_lost: Callable[[], object] | None = None  # see HttpProtocol's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -1082,6 +1087,8 @@ class ProxyGate(asyncio.Protocol):
         return None  # close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
         self._finish()
 
     def shutdown(self) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import resource
 import socket
+from collections.abc import Callable
 
 import pytest
 
+from appliance.engines import balance
 from appliance.engines.balance import (
     BACKOFF_INITIAL_S,
     BACKOFF_MAX_S,
@@ -281,7 +284,22 @@ def test_only_a_listener_on_one_address_has_a_fixed_local_address() -> None:
     assert fixed_local(("::", 8000, 0, 0)) == (False, None)
 
 
-def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_counted() -> None:
+def _what(fd: int) -> str | None:
+    """What descriptor ``fd`` of this process is (``socket:[inode]``...), if it is open."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.parametrize("descriptors", [False, True], ids=["socket", "descriptor"])
+@pytest.mark.parametrize("hooked", [False, True], ids=["wrapped", "on_lost"])
+def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_counted(
+    descriptors: bool, hooked: bool
+) -> None:
+    """On uvloop, with the connection handed over as a socket object or as a bare descriptor
+    (what the balanced loop does), to a protocol with an ``on_lost`` hook (ours) or without
+    (its connection_lost is wrapped): same transport, same count, no descriptor left open."""
     import uvloop
 
     loop = uvloop.Loop()
@@ -296,17 +314,26 @@ def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_cou
             made.set_result(transport)  # type: ignore[arg-type]
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if getattr(self, "on_lost", None) is not None:
+                self.on_lost()
             lost.set_result(None)
+
+    class Hooked(Protocol):
+        def __init__(self) -> None:
+            self.on_lost: Callable[[], object] | None = None
 
     try:
         board = LoadBoard(capacity=1)
         lane = board.claim()
         assert lane is not None
         counter = _Counter(board, lane)
-        acceptor = Acceptor(loop, Protocol, listener, counter)
+        acceptor = Acceptor(
+            loop, Hooked if hooked else Protocol, listener, counter, descriptors=descriptors
+        )
         client = socket.create_connection(listener.getsockname())
         transport = loop.run_until_complete(asyncio.wait_for(made, 10))
         sock = transport.get_extra_info("socket")
+        accepted = sock.fileno(), _what(sock.fileno())
         # We no longer set it ourselves: uvloop's TCP transport does.
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         assert sock.getpeername() == client.getsockname()
@@ -315,11 +342,51 @@ def test_an_accepted_tcp_connection_reaches_its_protocol_with_nodelay_and_is_cou
             listener.getsockname(),
             client.getsockname(),
         )
+        assert ("connection_lost" in vars(protocols[0])) is not hooked
         assert counter.open == 1 and board.value(lane) == 1
         client.close()
         loop.run_until_complete(asyncio.wait_for(lost, 10))
         assert counter.open == 0 and board.value(lane) == 0
+        del transport, sock, protocols[:]
+        gc.collect()
+        assert _what(accepted[0]) != accepted[1]  # closed (its number may be reused)
         acceptor.close()
     finally:
         loop.close()
         listener.close()
+
+
+def test_a_descriptor_the_loop_never_took_is_closed_once() -> None:
+    """The protocol factory failed: the acceptor closes the descriptor; one that the loop
+    took and closed (close() called) is never closed again (the number may be reused)."""
+    import uvloop
+
+    loop = uvloop.Loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def broken() -> asyncio.Protocol:
+        raise RuntimeError("the app's protocol factory failed")
+
+    try:
+        board = LoadBoard(capacity=1)
+        lane = board.claim()
+        assert lane is not None
+        counter = _Counter(board, lane)
+        acceptor = Acceptor(loop, broken, listener, counter, descriptors=True)
+        client = socket.create_connection(listener.getsockname())
+        client.settimeout(10)
+        acceptor._on_readable()
+        assert counter.open == 0 and board.value(lane) == 0
+        assert client.recv(1) == b""  # our end was closed
+        client.close()
+        acceptor.close()
+    finally:
+        loop.close()
+        listener.close()
+
+    fd = socket.socket().detach()
+    taken = balance._descriptor_class(socket.AF_INET, socket.SOCK_STREAM)(fd)
+    taken.close()  # what uvloop calls after libuv closed it: forget the number only
+    assert taken.fileno() == -1
+    taken.discard()  # nothing left to close...
+    os.close(fd)  # ... so the number was still ours
