@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import queue
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -368,13 +368,77 @@ def _never() -> bool:
     return False
 
 
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+class _Threads:
+    """Up to ``size`` threads that run calls for the event loop, started as they are needed.
+
+    What ``run_in_executor`` with a ``ThreadPoolExecutor`` does, with less on both sides of
+    each hand-over: the executor adds a work item, a concurrent future with its condition
+    variable, an idle semaphore and an asyncio future chained to the concurrent one, and its
+    thread settles all of that (holding the GIL) after the loop was already woken. Here a
+    call is one queue entry, and the thread wakes the loop as the last thing before it waits
+    for the next call, so the loop finds the GIL free.
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size = size
+        self._name = name
+        self._calls: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started = 0
+        self._idle = 0  # threads waiting for a call that no call has claimed yet
+
+    def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in one of the threads; a future of its result on ``loop``."""
+        future = loop.create_future()
+        self._calls.put((loop, future, fn, args))
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                return future
+            if self._started >= self.size:
+                return future  # queued until a thread is free
+            self._started += 1
+            number = self._started
+        threading.Thread(target=self._serve, name=f"{self._name}_{number}", daemon=True).start()
+        return future
+
+    def _serve(self) -> None:
+        calls, lock = self._calls, self._lock
+        while True:
+            call = calls.get()
+            if call is None:
+                return
+            loop, future, fn, args = call
+            del call
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # noqa: BLE001 - the caller gets it, as from an executor
+                result, error = None, exc
+            with lock:
+                self._idle += 1
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is closed: the worker is going away
+                return
+            del loop, future, fn, args, result, error
+
+
 class WsgiApp:
     """An ASGI app serving ``app`` (WSGI) on ``threads`` threads."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], threads: int) -> None:
         self.app = app
         self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+        self._pool = _Threads(threads, "wsgi")
         self._lock = threading.Lock()
         self._busy: dict[int, float] = {}
 
@@ -406,7 +470,7 @@ class WsgiApp:
         call = _Call(outbox, gone, scope["method"] == "HEAD")
         environ = build_environ(scope, body)
         try:
-            messages = await loop.run_in_executor(self._pool, self._run, call, environ)
+            messages = await self._pool.run(loop, self._run, call, environ)
         finally:
             await outbox.flushed()
         for message in messages:

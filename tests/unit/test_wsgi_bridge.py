@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from appliance.engines.wsgi import STREAM_AFTER, _Call, build_environ
+from appliance.engines.wsgi import STREAM_AFTER, _Call, _Threads, build_environ
 
 SCOPE: dict[str, Any] = {
     "type": "http",
@@ -177,3 +177,47 @@ def test_exc_info_replaces_headers_until_the_body_begins():
 def test_app_errors_raise(app):
     with pytest.raises((RuntimeError, ValueError)):
         _run(app)
+
+
+def test_threads_run_calls_for_the_loop_reuse_idle_threads_and_queue_past_their_size() -> None:
+    """The bridge's thread pool: results and exceptions come back to the loop; a thread that
+    is free takes the next call (no new thread); no more than ``size`` threads ever start,
+    and calls beyond them wait their turn; a cancelled call's result is dropped."""
+    import asyncio
+    import threading
+
+    threads = _Threads(2, "wsgi-test")
+
+    def boom() -> None:
+        raise ValueError("from the app")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(5):  # one at a time: the first thread serves them all
+            assert await threads.run(loop, lambda x: x * 2, i) == 2 * i
+        assert threads._started == 1
+        with pytest.raises(ValueError, match="from the app"):
+            await threads.run(loop, boom)
+
+        # Three calls that block until released: two threads start, the third call waits.
+        release, inside = threading.Event(), threading.Semaphore(0)
+
+        def held(n: int) -> tuple[int, str]:
+            inside.release()
+            assert release.wait(30)
+            return n, threading.current_thread().name
+
+        calls = [threads.run(loop, held, n) for n in range(3)]
+        for _ in range(2):
+            assert await loop.run_in_executor(None, inside.acquire, True, 30)
+        assert threads._started == 2
+        assert not any(call.done() for call in calls)
+        calls[2].cancel()  # its result, when it comes, is dropped
+        release.set()
+        results = [await calls[0], await calls[1]]
+        assert [n for n, _ in results] == [0, 1]
+        assert {name for _, name in results} == {"wsgi-test_1", "wsgi-test_2"}
+        assert await threads.run(loop, lambda: "still serving") == "still serving"
+        assert threads._started == 2
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
