@@ -192,10 +192,13 @@ def test_close_while_paused_neither_resumes_nor_double_counts() -> None:
         assert lane is not None
         counter = _Counter(board, lane)
         acceptor = Acceptor(loop, _Plain, listener, counter)
+        client = socket.create_connection(listener.getsockname())
         listener.fail_with = errno.EMFILE
         with capture_logs():
             acceptor._on_readable()
+        assert listener.calls == 1 and acceptor._resume is not None  # paused
         acceptor.close()
+        client.close()
         assert counter.accepting == 0 and acceptor._resume is None
         assert not acceptor.is_serving()
         acceptor._resume_accepting()  # a timer that fired anyway changes nothing
@@ -216,10 +219,38 @@ def test_other_accept_errors_drop_that_connection_only() -> None:
         lane = board.claim()
         assert lane is not None
         acceptor = Acceptor(loop, _Plain, listener, _Counter(board, lane))
+        client = socket.create_connection(listener.getsockname())
         listener.fail_with = errno.EPROTO
         with capture_logs() as captured:
             acceptor._on_readable()
+        assert listener.calls == 1
         assert captured == [] and acceptor._resume is None
+        assert loop.remove_reader(listener.fileno()), "still watching"
+        client.close()
+    finally:
+        loop.close()
+        listener.close()
+
+
+def test_a_wake_up_with_nothing_queued_neither_accepts_nor_defers() -> None:
+    """Every worker is woken for a connection that only one gets: the others ask poll() and
+    go back to waiting, without a failed accept() and without deferring, even when a peer is
+    less loaded."""
+    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
+    listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        board = LoadBoard(capacity=2)
+        lane, other = board.claim(), board.claim()
+        assert lane is not None and other is not None
+        counter = _Counter(board, lane)
+        acceptor = Acceptor(loop, _Plain, listener, counter)
+        counter.open = 3  # busier than the peer (0): a queued connection would be deferred
+        board.publish(other, 0)
+        acceptor._on_readable()
+        assert listener.calls == 0
+        assert acceptor._look is None and not counter.deferring
         assert loop.remove_reader(listener.fileno()), "still watching"
     finally:
         loop.close()
