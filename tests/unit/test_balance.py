@@ -117,6 +117,16 @@ class _FailingSocket(socket.socket):
         return super()._accept()  # type: ignore[misc]
 
 
+def _failing_listener() -> tuple[asyncio.AbstractEventLoop, _FailingSocket]:
+    """A selector loop (its remove_reader() tells whether it watched) and a listening
+    :class:`_FailingSocket` on 127.0.0.1."""
+    loop = asyncio.SelectorEventLoop()
+    listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return loop, listener
+
+
 @pytest.mark.parametrize("code", sorted(RESOURCE_ERRNOS))
 def test_resource_failure_pauses_accepting_marks_lane_dead_logs_then_resumes(code: int) -> None:
     loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
@@ -182,11 +192,8 @@ def test_resource_failure_pauses_accepting_marks_lane_dead_logs_then_resumes(cod
 
 
 def test_close_while_paused_neither_resumes_nor_double_counts() -> None:
-    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
-    listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    loop, listener = _failing_listener()
     try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
         board = LoadBoard(capacity=1)
         lane = board.claim()
         assert lane is not None
@@ -210,11 +217,8 @@ def test_close_while_paused_neither_resumes_nor_double_counts() -> None:
 
 
 def test_other_accept_errors_drop_that_connection_only() -> None:
-    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
-    listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    loop, listener = _failing_listener()
     try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
         board = LoadBoard(capacity=1)
         lane = board.claim()
         assert lane is not None
@@ -236,11 +240,8 @@ def test_a_wake_up_with_nothing_queued_neither_accepts_nor_defers() -> None:
     """Every worker is woken for a connection that only one gets: the others ask poll() and
     go back to waiting, without a failed accept() and without deferring, even when a peer is
     less loaded."""
-    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
-    listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    loop, listener = _failing_listener()
     try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
         board = LoadBoard(capacity=2)
         lane, other = board.claim(), board.claim()
         assert lane is not None and other is not None
