@@ -349,6 +349,14 @@ def _descriptor_class(family: int, kind: int) -> type[_Descriptor]:
     )
 
 
+def _dialled(conn: socket.socket) -> tuple[str, int] | None:
+    """The local address of a connection on a wildcard listener: the one its client dialled."""
+    try:
+        return inet_address(conn.getsockname())
+    except OSError:  # already reset: the transport finds out and closes
+        return None
+
+
 def _discard(conn: socket.socket | _Descriptor) -> None:
     if isinstance(conn, _Descriptor):
         conn.discard()
@@ -449,12 +457,9 @@ class Acceptor:
             conn: socket.socket | _Descriptor
             if self._light:
                 conn, local = self._descriptor(fd), self._local
-            else:  # the local address is the one this client dialled: ask
+            else:
                 conn = self._accepted(self._family, self._type, self._proto, fd)
-                try:
-                    local = inet_address(conn.getsockname())
-                except OSError:  # already reset: the transport finds out and closes
-                    local = None
+                local = self._local if self._local_fixed else _dialled(conn)
             self._attach(conn, (local, inet_address(peer)))
 
     def _defer(self) -> None:
