@@ -57,7 +57,7 @@ import socket
 import time
 from collections.abc import Callable
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from appliance import log
 
@@ -96,6 +96,7 @@ BACKOFF_MAX_S = 1.0
 LOG_EVERY_S = 10.0
 _DEAD = 1 << 40  # a lane nobody accepts for: never the minimum
 _BATCH = 16  # most connections accepted per wake-up
+_T = TypeVar("_T")
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 #: ``(server, client)`` of a connection as ASGI's scope carries them.
@@ -299,13 +300,13 @@ class _Counter:
         return self.board.lowest_other(self.lane)
 
 
-def _accepted_class(family: int, kind: int) -> type[socket.socket]:
-    """The socket class of this listener's accepted connections: ``socket.socket`` with its
-    family and type as plain class attributes. The loop reads both for every connection it
-    attaches, and the properties of ``socket.socket`` make an enum member each time."""
+def _kinded(base: type[_T], family: int, kind: int) -> type[_T]:
+    """``base`` with this listener's family and type as plain class attributes: the loop
+    reads both for every connection it attaches, and the properties of ``socket.socket``
+    make an enum member each time."""
     return type(
-        "AcceptedSocket",
-        (socket.socket,),
+        base.__name__,
+        (base,),
         {"__slots__": (), "family": socket.AddressFamily(family), "type": socket.SocketKind(kind)},
     )
 
@@ -339,14 +340,6 @@ class _Descriptor:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _descriptor_class(family: int, kind: int) -> type[_Descriptor]:
-    return type(
-        "AcceptedDescriptor",
-        (_Descriptor,),
-        {"__slots__": (), "family": socket.AddressFamily(family), "type": socket.SocketKind(kind)},
-    )
 
 
 def _dialled(conn: socket.socket) -> tuple[str, int] | None:
@@ -390,8 +383,8 @@ class Acceptor:
         self._counter = counter
         self._family, self._type, self._proto = int(sock.family), int(sock.type), sock.proto
         self._local_fixed, self._local = fixed_local(sock.getsockname())
-        self._accepted = _accepted_class(self._family, self._type)
-        self._descriptor = _descriptor_class(self._family, self._type)
+        self._accepted = _kinded(socket.socket, self._family, self._type)
+        self._descriptor = _kinded(_Descriptor, self._family, self._type)
         self._light = descriptors and self._local_fixed
         self._pending = select.poll()
         self._pending.register(self._fd, select.POLLIN)

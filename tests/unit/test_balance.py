@@ -417,7 +417,7 @@ def test_a_descriptor_the_loop_never_took_is_closed_once() -> None:
         listener.close()
 
     fd = socket.socket().detach()
-    taken = balance._descriptor_class(socket.AF_INET, socket.SOCK_STREAM)(fd)
+    taken = balance._kinded(balance._Descriptor, socket.AF_INET, socket.SOCK_STREAM)(fd)
     taken.close()  # what uvloop calls after libuv closed it: forget the number only
     assert taken.fileno() == -1
     taken.discard()  # nothing left to close...
