@@ -391,12 +391,14 @@ class _Threads:
     def __init__(self, size: int, name: str) -> None:
         self.size = size
         self._name = name
-        self._calls: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._started = 0
         self._idle = 0  # threads waiting for a call that no call has claimed yet
 
-    def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Any:
+    def run(
+        self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any
+    ) -> asyncio.Future[Any]:
         """``fn(*args)`` in one of the threads; a future of its result on ``loop``."""
         future = loop.create_future()
         self._calls.put((loop, future, fn, args))
@@ -414,11 +416,7 @@ class _Threads:
     def _serve(self) -> None:
         calls, lock = self._calls, self._lock
         while True:
-            call = calls.get()
-            if call is None:
-                return
-            loop, future, fn, args = call
-            del call
+            loop, future, fn, args = calls.get()
             try:
                 result, error = fn(*args), None
             except BaseException as exc:  # noqa: BLE001 - the caller gets it, as from an executor
@@ -429,7 +427,7 @@ class _Threads:
                 loop.call_soon_threadsafe(_settle, future, result, error)
             except RuntimeError:  # the loop is closed: the worker is going away
                 return
-            del loop, future, fn, args, result, error
+            del loop, future, fn, args, result, error  # an idle thread holds no request
 
 
 class WsgiApp:
