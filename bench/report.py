@@ -365,6 +365,30 @@ def _throughput_table(rows: list[dict[str, Any]], title: str) -> list[str]:
     return out + [""]
 
 
+def _cpu_table(rows: list[dict[str, Any]], what: str) -> list[str]:
+    """Server CPU per request (all of a peer's processes; harness ``server_cpu_us``), by peer,
+    workers and concurrency: what serving costs, apart from the load generator's share."""
+    if not any(r.get("server_cpu_us") for r in rows):
+        return []
+    concs = sorted({r["concurrency"] for r in rows})
+    ws = sorted({r["workers"] for r in rows})
+    out = [(f"Server CPU per request, {what} (µs; every process of the peer, from "
+            "/proc/PID/task/*/schedstat around each cell, divided by the requests served; "
+            "median over repetitions; lower is better):"), "",
+           "| peer | workers | " + " | ".join(f"c={c}" for c in concs) + " |",
+           "| --- | --- | " + " | ".join("---" for _ in concs) + " |"]
+    for peer in dict.fromkeys(r["peer"] for r in rows):
+        for w in ws:
+            cells = []
+            for c in concs:
+                r = next((x for x in rows if x["peer"] == peer and x["workers"] == w
+                          and x["concurrency"] == c), None)
+                cells.append(_f(None if r is None else r.get("server_cpu_us")))
+            if any(x != "–" for x in cells):
+                out.append(f"| {peer} | {w} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _ratio_table(rows: list[dict[str, Any]], app: str, peer: str,
                  refs: list[tuple[str, tuple[str, ...]]], intro: str) -> list[str]:
     concs = sorted({r["concurrency"] for r in rows if r["peer"] == peer and r["app"] == app})
@@ -418,7 +442,8 @@ def _method(res: dict[str, Any]) -> list[str]:
         "- **Apps.** `hello` returns a short body naming the pid (nginx: `return 200` with the "
         "same body); `cpu` does a loop of arithmetic"
         + (f" ({res['python_cpu_iterations']} iterations, calibrated at the start of the run "
-           f"to take {res['python_cpu_work_ms']:.2f} ms in Python on this machine, so the "
+           f"to take {res['python_cpu_work_ms']:.2f} ms of CPU time in Python on this machine, so "
+           "the "
            "scenario costs the same per request on a fast and a slow host)"
            if res.get("python_cpu_iterations") else
            f" ({res['python_cpu_work_ms']:.2f} ms in Python on this machine at the start of "
@@ -523,6 +548,7 @@ def _throughput_sections(res: dict[str, Any], made: list[str]) -> list[str]:
             "granian; bold, with the range over repetitions and the peer that was best most "
             "often), to nginx's `return 200` (the ceiling of this machine) and to Node "
             "cluster; median of per-repetition ratios:")
+        out += _cpu_table(hello, "hello app, ASGI")
         for name in ("throughput-hello.png", "ratio-hello.png"):
             if name in made:
                 out += [f"![{name}](../bench/results/plots/{name})", ""]
@@ -537,6 +563,7 @@ def _throughput_sections(res: dict[str, Any], made: list[str]) -> list[str]:
         out += _ratio_table(wsgi, "hello", APPLIANCE_WSGI, [("wsgi", WSGI_PEERS)],
                             "appliance-wsgi / the best of gunicorn sync and gthread, same "
                             "repetition (median; range; the peer that was best most often):")
+        out += _cpu_table(wsgi, "hello app, WSGI")
         if "throughput-hello-wsgi.png" in made:
             out += [("![throughput-hello-wsgi.png](../bench/results/plots/"
                     "throughput-hello-wsgi.png)"), ""]
@@ -546,6 +573,8 @@ def _throughput_sections(res: dict[str, Any], made: list[str]) -> list[str]:
         out += _ratio_table(cpu, "cpu", APPLIANCE, [("best", PY_PEERS)],
                             "Appliance / best Python peer, cpu app (median of per-repetition "
                             "ratios; range; the peer that was best most often):")
+        out += _cpu_table(cpu, "cpu app (the app's own loop is about "
+                          f"{_f(res.get('python_cpu_work_ms'), '{:.2f}')} ms of it)")
         concs = sorted({r["concurrency"] for r in cpu})
         peers_ = list(dict.fromkeys(r["peer"] for r in cpu))
         out += [f"## Scaling and evenness, cpu app ({n} workers vs 1)", "",
@@ -622,6 +651,7 @@ def _newconn_section(res: dict[str, Any], made: list[str]) -> list[str]:
                         [("kernel", (KERNEL,)), ("best", PY_PEERS), ("nginx", ("nginx",)),
                          ("node", ("node",))],
                         "Appliance relative to the others, same repetition (median; range):")
+    out += _cpu_table(nc, "new connection per request")
     if "newconn.png" in made:
         out += ["![newconn.png](../bench/results/plots/newconn.png)", ""]
     return out

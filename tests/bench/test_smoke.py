@@ -99,6 +99,7 @@ def test_tiny_harness_run_against_appliance(tmp_path: Path) -> None:
         assert r["failed"] == 0, r
         assert r["rps"] > 0, r
         assert r["busiest_share"] == 1.0  # one worker answered everything
+        assert r["server_cpu_us"] > 0, r  # the server's processes were busy serving
     assert res["memory"][0]["total_pss_mib"] > 0
     assert [p["role"] for p in res["memory"][0]["processes"]][:1] == ["master"]
     assert res["monitor"]["cpu"]["throughput"]["busy_pct"] >= 0
@@ -137,8 +138,10 @@ def test_report_renders_from_a_result(tmp_path: Path, monkeypatch: pytest.Monkey
                                                    "loadavg_at_start": ["0", "0", "0"]},
            "skipped": {}, "throughput": [
                {"peer": "p", "workers": w, "app": a, "concurrency": 4, "rps": 100.0 * w,
-                "p99_ms": 1.0, "busiest_share": 0.5, "busiest_conn_share": 0.5, "failed": 0}
+                "p99_ms": 1.0, "busiest_share": 0.5, "busiest_conn_share": 0.5, "failed": 0,
+                "server_cpu_us": 40.0 / w}
                for w in (1, 2) for a in ("hello", "cpu")],
            "reload": [], "kill": [], "startup": [], "memory": [], "mastercpu": []}
     text = report.render(res, [])
     assert "2.00x" in text and "| p | 2 |" in text
+    assert "Server CPU per request, hello app, ASGI" in text and "| p | 2 | 20 |" in text
