@@ -7,6 +7,7 @@ import errno
 import gc
 import os
 import resource
+import select
 import socket
 from collections.abc import Callable
 
@@ -99,6 +100,17 @@ def _close(loop: asyncio.AbstractEventLoop, *sockets: socket.socket) -> None:
         sock.close()
 
 
+def _wakes(acceptor: Acceptor) -> bool:
+    """Whether the loop would call the acceptor now: its gate (the epoll instance the loop
+    watches) is readable. Only meaningful while a connection is queued on the listener."""
+    return bool(select.select([acceptor._gate.fileno()], [], [], 0)[0])
+
+
+def _loop_watches(loop: asyncio.AbstractEventLoop, fd: int) -> bool:
+    """Whether a selector loop watches ``fd`` (asking takes it out: the test's last look)."""
+    return bool(loop.remove_reader(fd))
+
+
 class _Plain(asyncio.Protocol):
     """A protocol that accepts connections and does nothing (the acceptor wraps its
     ``connection_lost``, which asyncio.Protocol's empty __slots__ would refuse)."""
@@ -118,7 +130,7 @@ class _FailingSocket(socket.socket):
 
 
 def _failing_listener() -> tuple[asyncio.AbstractEventLoop, _FailingSocket]:
-    """A selector loop (its remove_reader() tells whether it watched) and a listening
+    """A selector loop and a listening
     :class:`_FailingSocket` on 127.0.0.1."""
     loop = asyncio.SelectorEventLoop()
     listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
@@ -129,7 +141,7 @@ def _failing_listener() -> tuple[asyncio.AbstractEventLoop, _FailingSocket]:
 
 @pytest.mark.parametrize("code", sorted(RESOURCE_ERRNOS))
 def test_resource_failure_pauses_accepting_marks_lane_dead_logs_then_resumes(code: int) -> None:
-    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
+    loop = asyncio.SelectorEventLoop()
     listener = _FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
     client = socket.socket()
     try:
@@ -149,7 +161,7 @@ def test_resource_failure_pauses_accepting_marks_lane_dead_logs_then_resumes(cod
         # One attempt, then the socket is no longer watched (no busy loop on a readable
         # socket) and peers see this lane as dead until the pause ends.
         assert listener.calls == 1
-        assert not loop.remove_reader(listener.fileno())
+        assert not _wakes(acceptor), "the queued connection still wakes the loop"
         assert board.value(lane) > 1_000_000
         assert board.lowest_other(other) > 1_000_000
         pause = acceptor._resume
@@ -185,8 +197,10 @@ def test_resource_failure_pauses_accepting_marks_lane_dead_logs_then_resumes(cod
         assert counter.open == 1
         assert [e["event"] for e in captured] == ["worker.accept_resumed"]
         assert captured[0]["failures"] == 2
+        gate = acceptor._gate.fileno()
         acceptor.close()
         assert board.value(lane) > 1_000_000
+        assert not _loop_watches(loop, gate) and acceptor._gate.closed
     finally:
         _close(loop, client, listener)
 
@@ -204,13 +218,14 @@ def test_close_while_paused_neither_resumes_nor_double_counts() -> None:
         with capture_logs():
             acceptor._on_readable()
         assert listener.calls == 1 and acceptor._resume is not None  # paused
+        gate = acceptor._gate.fileno()
         acceptor.close()
         client.close()
         assert counter.accepting == 0 and acceptor._resume is None
         assert not acceptor.is_serving()
         acceptor._resume_accepting()  # a timer that fired anyway changes nothing
         assert counter.accepting == 0
-        assert not loop.remove_reader(listener.fileno())
+        assert not _loop_watches(loop, gate) and not _loop_watches(loop, listener.fileno())
     finally:
         loop.close()
         listener.close()
@@ -229,7 +244,7 @@ def test_other_accept_errors_drop_that_connection_only() -> None:
             acceptor._on_readable()
         assert listener.calls == 1
         assert captured == [] and acceptor._resume is None
-        assert loop.remove_reader(listener.fileno()), "still watching"
+        assert _wakes(acceptor), "still watching"  # the connection is still queued
         client.close()
     finally:
         loop.close()
@@ -252,7 +267,9 @@ def test_a_wake_up_with_nothing_queued_neither_accepts_nor_defers() -> None:
         acceptor._on_readable()
         assert listener.calls == 0
         assert acceptor._look is None and not counter.deferring
-        assert loop.remove_reader(listener.fileno()), "still watching"
+        client = socket.create_connection(listener.getsockname())
+        assert _wakes(acceptor), "still watching"
+        client.close()
     finally:
         loop.close()
         listener.close()
@@ -262,7 +279,7 @@ def test_a_wake_up_with_nothing_queued_neither_accepts_nor_defers() -> None:
 
 
 def test_a_deferring_acceptor_stops_watching_and_looks_again_on_its_timer_or_own_close() -> None:
-    loop = asyncio.SelectorEventLoop()  # remove_reader() tells whether it watched
+    loop = asyncio.SelectorEventLoop()
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
     try:
@@ -273,10 +290,11 @@ def test_a_deferring_acceptor_stops_watching_and_looks_again_on_its_timer_or_own
         counter = _Counter(board, lane)
         counter.open = 1  # more loaded than the other worker
         acceptor = Acceptor(loop, _Plain, listener, counter)
+        assert _wakes(acceptor)
         acceptor._on_readable()
         # Deferring: the readable socket is not watched (no wake-up per loop iteration), the
         # connection stays queued for the peer, and a timer looks again soon.
-        assert not loop.remove_reader(listener.fileno())
+        assert not _wakes(acceptor) and not acceptor._watching
         assert counter.open == 1 and acceptor in counter.deferring
         look = acceptor._look
         assert look is not None
@@ -285,18 +303,59 @@ def test_a_deferring_acceptor_stops_watching_and_looks_again_on_its_timer_or_own
         counter.open += 1
         counter.closed()
         assert look.cancelled() and acceptor._look is None and not counter.deferring
-        assert acceptor._watching
+        assert acceptor._watching and _wakes(acceptor)
         acceptor._on_readable()  # 1 open, the peer 0: defers again
         assert not acceptor._watching and acceptor._look is not None
+        assert not _wakes(acceptor)
         acceptor.look_again()  # the timer
-        assert acceptor._watching
+        assert acceptor._watching and _wakes(acceptor)
         board.publish(other, 5)
         acceptor._on_readable()  # now the least loaded: accepts the queued connection
         assert counter.open == 2 and acceptor._watching
+        gate = acceptor._gate.fileno()
         acceptor.close()
         assert not acceptor._watching and acceptor._look is None
         acceptor.look_again()  # a timer that fired anyway watches nothing
-        assert not loop.remove_reader(listener.fileno())
+        assert not _loop_watches(loop, gate) and not _loop_watches(loop, listener.fileno())
+    finally:
+        _close(loop, client, listener)
+
+
+
+def test_a_gate_that_wakes_for_an_unwatched_socket_lets_go_of_it_until_watching_again() -> None:
+    """epoll reports a hang-up whatever an entry asks for: a listener shut down while this
+    worker defers must not wake its loop on every iteration (a worker at 100 % CPU)."""
+    loop = asyncio.SelectorEventLoop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        board = LoadBoard(capacity=2)
+        lane, other = board.claim(), board.claim()
+        assert lane is not None and other is not None
+        board.publish(other, 0)
+        counter = _Counter(board, lane)
+        counter.open = 1  # busier than the peer: defers
+        acceptor = Acceptor(loop, _Plain, listener, counter)
+        acceptor._on_readable()
+        assert not acceptor._watching and not _wakes(acceptor)
+        calls = 0
+        on_readable = acceptor._on_readable
+
+        def counted() -> None:
+            nonlocal calls
+            calls += 1
+            on_readable()
+
+        loop.add_reader(acceptor._gate.fileno(), counted)  # the same callback, counted
+        listener.shutdown(socket.SHUT_RDWR)  # a hang-up: reported even for an idle entry
+        assert _wakes(acceptor)
+        for _ in range(5):
+            loop.run_until_complete(asyncio.sleep(0))
+        assert calls == 1, "woken once, then the entry is out of the gate"
+        assert not _wakes(acceptor) and counter.open == 1
+        acceptor.look_again()  # watching again puts it back
+        assert acceptor._watching and _wakes(acceptor)
+        acceptor.close()
     finally:
         _close(loop, client, listener)
 
