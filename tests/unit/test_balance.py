@@ -278,18 +278,26 @@ def test_a_wake_up_with_nothing_queued_neither_accepts_nor_defers() -> None:
 # --- deferring, and what an accepted connection gets ------------------------------------------
 
 
+def _busier_acceptor(
+    loop: asyncio.AbstractEventLoop, listener: socket.socket
+) -> tuple[LoadBoard, int, _Counter, Acceptor]:
+    """An acceptor on ``listener`` whose worker has one connection open and whose one peer
+    (lane ``other``) has none: a queued connection is deferred."""
+    board = LoadBoard(capacity=2)
+    lane, other = board.claim(), board.claim()
+    assert lane is not None and other is not None
+    board.publish(other, 0)
+    counter = _Counter(board, lane)
+    counter.open = 1
+    return board, other, counter, Acceptor(loop, _Plain, listener, counter)
+
+
 def test_a_deferring_acceptor_stops_watching_and_looks_again_on_its_timer_or_own_close() -> None:
     loop = asyncio.SelectorEventLoop()
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
     try:
-        board = LoadBoard(capacity=2)
-        lane, other = board.claim(), board.claim()
-        assert lane is not None and other is not None
-        board.publish(other, 0)
-        counter = _Counter(board, lane)
-        counter.open = 1  # more loaded than the other worker
-        acceptor = Acceptor(loop, _Plain, listener, counter)
+        board, other, counter, acceptor = _busier_acceptor(loop, listener)
         assert _wakes(acceptor)
         acceptor._on_readable()
         # Deferring: the readable socket is not watched (no wake-up per loop iteration), the
@@ -321,7 +329,6 @@ def test_a_deferring_acceptor_stops_watching_and_looks_again_on_its_timer_or_own
         _close(loop, client, listener)
 
 
-
 def test_a_gate_that_wakes_for_an_unwatched_socket_lets_go_of_it_until_watching_again() -> None:
     """epoll reports a hang-up whatever an entry asks for: a listener shut down while this
     worker defers must not wake its loop on every iteration (a worker at 100 % CPU)."""
@@ -329,13 +336,7 @@ def test_a_gate_that_wakes_for_an_unwatched_socket_lets_go_of_it_until_watching_
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
     try:
-        board = LoadBoard(capacity=2)
-        lane, other = board.claim(), board.claim()
-        assert lane is not None and other is not None
-        board.publish(other, 0)
-        counter = _Counter(board, lane)
-        counter.open = 1  # busier than the peer: defers
-        acceptor = Acceptor(loop, _Plain, listener, counter)
+        _, _, counter, acceptor = _busier_acceptor(loop, listener)
         acceptor._on_readable()
         assert not acceptor._watching and not _wakes(acceptor)
         calls = 0
