@@ -62,6 +62,9 @@ SCENARIO_HELP = {
     "our client (busiest worker's share of requests and connections); 1 and N workers",
     "newconn": "req/s with a new connection per request (wrk -H 'Connection: close'), N "
     "workers: balanced vs kernel accepting vs the peers",
+    "placement": "1 worker, wrk c=1 and c=4 keep-alive with wrk and the serving process "
+    "pinned to the same CPU, to different CPUs, and unpinned: how much of a low-concurrency "
+    "number is where the scheduler put the load generator",
     "mastercpu": "the master's CPU (schedstat, all threads) under wrk c=16, keep-alive and "
     "Connection: close, % of one core",
     "startup": "spawn to the first 200 response, and to READY=1 (appliance, NOTIFY_SOCKET)",
@@ -84,6 +87,7 @@ _ALL = peers.PEERS
 SCENARIO_PEERS: dict[str, tuple[str, ...]] = {
     "throughput": _ALL,  # each in the suites it belongs to (SUITES)
     "newconn": (APPLIANCE, APPLIANCE_KERNEL, *ASGI_PEERS, "node", "nginx"),
+    "placement": (APPLIANCE, *ASGI_PEERS),
     "mastercpu": (APPLIANCE, APPLIANCE_KERNEL, *ASGI_PEERS, "gunicorn-sync", "node"),
     "startup": (APPLIANCE, *ASGI_PEERS, "gunicorn-sync", "node"),
     "workerboot": (APPLIANCE,),
@@ -92,6 +96,9 @@ SCENARIO_PEERS: dict[str, tuple[str, ...]] = {
     "memory": (APPLIANCE, APPLIANCE_WSGI, *ASGI_PEERS, *WSGI_PEERS, "node"),
     "profile": (APPLIANCE, "uvicorn", "gunicorn-uvicorn"),
 }
+#: Where wrk runs relative to the pinned server in the placement scenario, and at what load.
+PLACEMENTS = ("same", "apart", "free")
+PLACEMENT_CONCS = (1, 4)
 #: Concurrency of the load under which master CPU and the profile are measured.
 LOAD_CONC = 16
 #: The cpu app is measured up to this concurrency (our Python client is its load generator).
@@ -186,12 +193,15 @@ def pss_by_kind(pid: int) -> dict[str, int]:
     return out
 
 
-def wrk(port: int, conc: int, secs: float, close: bool = False) -> dict[str, Any] | None:
+def wrk(port: int, conc: int, secs: float, close: bool = False,
+        cpu: int | None = None) -> dict[str, Any] | None:
+    """One wrk run; with ``cpu``, wrk is pinned to that CPU (taskset)."""
     exe = shutil.which("wrk")
     if exe is None:
         return None
     threads = max(1, min(2, conc))
-    argv = [exe, f"-t{threads}", f"-c{conc}", f"-d{max(1, round(secs))}s", "--latency",
+    pinned = [] if cpu is None else ["taskset", "-c", str(cpu)]
+    argv = [*pinned, exe, f"-t{threads}", f"-c{conc}", f"-d{max(1, round(secs))}s", "--latency",
             "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
@@ -209,6 +219,20 @@ def wrk(port: int, conc: int, secs: float, close: bool = False) -> dict[str, Any
         "failed": (sum(int(x) for x in errs.groups()) if errs else 0)
         + (int(non2xx.group(1)) if non2xx else 0),
     }
+
+
+def pin(pids: Sequence[int], cpus: set[int]) -> None:
+    """Every thread of ``pids`` allowed only on ``cpus`` (a process that exited is skipped)."""
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass
 
 
 def med(xs: Sequence[float | None]) -> float | None:
@@ -412,9 +436,11 @@ class Bench:
 
     def interleaved(self, insts: list[tuple[str, int]], app: str, scenario: str,
                     concs: list[int], cell: Cell, label: str = "",
+                    describe: Callable[[int], str] = "c={}".format,
                     ) -> dict[tuple[str, int, int], list[dict[str, Any]]]:
         """Start every instance, then per repetition and concurrency measure each one in the
-        rotated order; {(peer, workers, concurrency): [one dict per repetition]}."""
+        rotated order; {(peer, workers, concurrency): [one dict per repetition]}.
+        ``describe`` names a concurrency in the log (the placement scenario's are cases)."""
         running = self.start_all(insts, app, scenario)
         cells: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
         try:
@@ -428,7 +454,7 @@ class Bench:
                         r["rep"] = rep
                         r["t"] = round(time.monotonic(), 2)
                         cells.setdefault((peer, w, conc), []).append(r)
-                    self.say(f"  c={conc}: " + ", ".join(
+                    self.say(f"  {describe(conc)}: " + ", ".join(
                         f"{p}/{w}w {cells[(p, w, conc)][-1]['rps']:.0f}" for p, w in order))
         finally:
             for run in running.values():
@@ -436,16 +462,16 @@ class Bench:
         return cells
 
     def one_cell(self, run: peers.Running, app: str, conc: int,
-                 close: bool = False) -> dict[str, Any]:
+                 close: bool = False, wrk_cpu: int | None = None) -> dict[str, Any]:
         """One load run against ``run``; with the CPU time all of the peer's processes spent
         during it, per request served (``server_cpu_us``): what serving costs, whatever
-        share of the two cores the load generator took."""
+        share of the two cores the load generator took. ``wrk_cpu`` pins wrk."""
         port = run.port
         pids = [pid for _, pid in run.processes()]
         cpu0 = sum(cpu_seconds(p) for p in pids)
         r: dict[str, Any] | None = None
         if app == "hello" and not self.a.no_wrk:
-            r = wrk(port, conc, self.a.secs, close=close)
+            r = wrk(port, conc, self.a.secs, close=close, cpu=wrk_cpu)
         if r is None:
             d = client.run(f"http://127.0.0.1:{port}/", conc, self.a.secs,
                            mode="close" if close else "keepalive").to_dict()
@@ -507,6 +533,47 @@ class Bench:
                 names.index(kv[0][0]), kv[0][2])):
             rows.append({"peer": peer, "workers": w, "app": "hello", "concurrency": conc,
                          "tool": reps[0]["tool"], "rps": med([r["rps"] for r in reps]),
+                         "p99_ms": med([r["p99_ms"] for r in reps]),
+                         "server_cpu_us": med([r.get("server_cpu_us") for r in reps]),
+                         "failed": sum(r["failed"] for r in reps), "reps": reps})
+        return rows
+
+    def placement(self, names: list[str]) -> list[dict[str, Any]]:
+        """Keep-alive hello, 1 worker, wrk at :data:`PLACEMENT_CONCS` in three placements:
+        ``same`` (wrk and every thread of the serving process pinned to one CPU), ``apart``
+        (the server on one CPU, wrk on another) and ``free`` (nobody pinned: what the
+        throughput suites see). With the load generator on the machine, a request that wakes
+        a process on the other CPU pays a cross-CPU wake-up; this says how much of a
+        low-concurrency number that is. Interleaved like throughput; the server's pinning is
+        undone after each cell."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2 or shutil.which("taskset") is None or self.a.no_wrk:
+            self.skipped["placement"] = "needs 2 CPUs, taskset and wrk"
+            return []
+        server_cpu, other = cpus[0], cpus[1]
+        wrk_cpu = {"same": server_cpu, "apart": other, "free": None}
+        cases = [(where, conc) for where in PLACEMENTS for conc in PLACEMENT_CONCS]
+
+        def cell(run: peers.Running, case: int) -> dict[str, Any]:
+            where, conc = cases[case]
+            serving = run.worker_pids() or [run.master_pid]  # uvicorn -w 1 serves itself
+            if where != "free":
+                pin(serving, {server_cpu})
+            try:
+                r = self.one_cell(run, "hello", conc, wrk_cpu=wrk_cpu[where])
+            finally:
+                pin(serving, set(cpus))
+            return r
+
+        cells = self.interleaved(
+            [(p, 1) for p in names], "hello", "placement", list(range(len(cases))), cell,
+            label="placement", describe=lambda case: "{} c={}".format(*cases[case]))
+        rows = []
+        for (peer, _, case), reps in sorted(cells.items(), key=lambda kv: (
+                names.index(kv[0][0]), kv[0][2])):
+            where, conc = cases[case]
+            rows.append({"peer": peer, "workers": 1, "app": "hello", "placement": where,
+                         "concurrency": conc, "rps": med([r["rps"] for r in reps]),
                          "p99_ms": med([r["p99_ms"] for r in reps]),
                          "server_cpu_us": med([r.get("server_cpu_us") for r in reps]),
                          "failed": sum(r["failed"] for r in reps), "reps": reps})
@@ -1093,7 +1160,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             mon.begin(s)
             b.say(f"== {s}: {', '.join(these)}")
-            if s in ("throughput", "newconn", "mastercpu", "startup"):  # interleaved
+            if s in ("throughput", "newconn", "placement", "mastercpu", "startup"):
                 try:
                     result[s] = getattr(b, s)(these)
                 except Exception as e:

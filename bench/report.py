@@ -514,6 +514,7 @@ def render(res: dict[str, Any], made: list[str]) -> str:
         out += ["Skipped: " + "; ".join(f"{k}: {val}" for k, val in res["skipped"].items()), ""]
     out += _throughput_sections(res, made)
     out += _newconn_section(res, made)
+    out += _placement_section(res)
     out += _mastercpu_section(res)
     out += _startup_section(res)
     out += _workerboot_section(res)
@@ -654,6 +655,59 @@ def _newconn_section(res: dict[str, Any], made: list[str]) -> list[str]:
     out += _cpu_table(nc, "new connection per request")
     if "newconn.png" in made:
         out += ["![newconn.png](../bench/results/plots/newconn.png)", ""]
+    return out
+
+
+#: Placement scenario cases as the report names them.
+_PLACEMENT_NAMES = {"same": "same CPU", "apart": "different CPUs", "free": "unpinned"}
+
+
+def _placement_section(res: dict[str, Any]) -> list[str]:
+    rows = res.get("placement", [])
+    if not rows:
+        return []
+    places = [p for p in _PLACEMENT_NAMES if any(r["placement"] == p for r in rows)]
+    out = ["## Where the load generator runs (1 worker, hello, keep-alive)", "",
+           ("wrk and the serving process (every thread of it) pinned to the same CPU, to "
+            "different CPUs, or left to the scheduler as in the throughput suites; "
+            "interleaved like them. req/s, median (server CPU per request, µs):"), "",
+           "| peer | c | " + " | ".join(_PLACEMENT_NAMES[p] for p in places) + " |",
+           "| --- | --- | " + " | ".join("---" for _ in places) + " |"]
+    for peer in dict.fromkeys(r["peer"] for r in rows):
+        for c in sorted({r["concurrency"] for r in rows}):
+            cells = []
+            for p in places:
+                r = next((x for x in rows if x["peer"] == peer and x["concurrency"] == c
+                          and x["placement"] == p), None)
+                cells.append("–" if r is None else
+                             f"{r['rps']:.0f} ({_f(r.get('server_cpu_us'))})")
+            out.append(f"| {peer} | {c} | " + " | ".join(cells) + " |")
+    out.append("")
+
+    def rps(peer: str, where: str, c: int) -> float | None:
+        r = next((x for x in rows if x["peer"] == peer and x["placement"] == where
+                  and x["concurrency"] == c), None)
+        return None if r is None else r["rps"]
+
+    same, apart = rps(APPLIANCE, "same", 1), rps(APPLIANCE, "apart", 1)
+    if same and apart:
+        out += [(f"One request at a time, appliance answers {same / apart:.1f}x as many "
+                 "requests when wrk shares its CPU as when each has its own, and spends less "
+                 "CPU on each: a request that wakes a sleeping process on the other CPU pays "
+                 "a cross-CPU wake-up on both sides, which on this machine costs more than "
+                 "serving the request. So at low concurrency, and with 2 workers and wrk's 2 "
+                 "threads on 2 CPUs, a throughput cell also measures where the scheduler "
+                 "happened to put wrk's threads and the workers."), ""]
+    ratios = []
+    for where in places:
+        for c in sorted({r["concurrency"] for r in rows}):
+            mine = rps(APPLIANCE, where, c)
+            best = max((x for x in (rps(p, where, c) for p in PY_PEERS) if x), default=None)
+            if mine and best:
+                ratios.append(f"{_PLACEMENT_NAMES[where]} c={c}: {mine / best:.2f}x")
+    if ratios:
+        out += ["Appliance / the best Python peer, placement by placement (of the medians): "
+                + ", ".join(ratios) + ".", ""]
     return out
 
 

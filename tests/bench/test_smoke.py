@@ -145,3 +145,46 @@ def test_report_renders_from_a_result(tmp_path: Path, monkeypatch: pytest.Monkey
     text = report.render(res, [])
     assert "2.00x" in text and "| p | 2 |" in text
     assert "Server CPU per request, hello app, ASGI" in text and "| p | 2 | 20 |" in text
+
+
+def test_pin_limits_every_thread_of_a_process_and_undoes() -> None:
+    import os
+    import threading
+
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs")
+    first = min(cpus)
+    halt = threading.Event()
+    thread = threading.Thread(target=halt.wait)
+    thread.start()
+    try:
+        harness.pin([os.getpid()], {first})
+        tids = [int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")]
+        assert len(tids) >= 2
+        assert all(os.sched_getaffinity(t) == {first} for t in tids)
+        harness.pin([os.getpid()], cpus)
+        assert all(os.sched_getaffinity(t) == cpus for t in tids)
+        harness.pin([2**22 + 1], cpus)  # no such process: skipped
+    finally:
+        halt.set()
+        thread.join()
+        os.sched_setaffinity(0, cpus)
+
+
+def test_report_renders_the_placement_section() -> None:
+    from bench import report
+
+    def row(peer: str, where: str, rps: float) -> dict:
+        return {"peer": peer, "workers": 1, "app": "hello", "placement": where,
+                "concurrency": 1, "rps": rps, "p99_ms": 1.0, "server_cpu_us": 1e6 / rps,
+                "failed": 0}
+
+    res = {"placement": [row("appliance", "same", 60000), row("appliance", "apart", 12000),
+                         row("appliance", "free", 13000), row("uvicorn", "same", 40000),
+                         row("uvicorn", "apart", 12000), row("uvicorn", "free", 11000)]}
+    text = "\n".join(report._placement_section(res))
+    assert "| appliance | 1 | 60000 (17) | 12000 (83) | 13000 (77) |" in text
+    assert "5.0x as many" in text
+    assert "same CPU c=1: 1.50x, different CPUs c=1: 1.00x, unpinned c=1: 1.18x" in text
+    assert report._placement_section({"placement": []}) == []
