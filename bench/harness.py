@@ -547,7 +547,8 @@ class Bench:
         low-concurrency number that is. Interleaved like throughput; the server's pinning is
         undone after each cell."""
         cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2 or shutil.which("taskset") is None or self.a.no_wrk:
+        if (len(cpus) < 2 or self.a.no_wrk
+                or shutil.which("taskset") is None or shutil.which("wrk") is None):
             self.skipped["placement"] = "needs 2 CPUs, taskset and wrk"
             return []
         server_cpu, other = cpus[0], cpus[1]
