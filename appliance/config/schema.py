@@ -730,7 +730,9 @@ class HttpSettings(BaseModel):
             "accepts only while it has no more open connections than the least loaded other "
             "worker (counts in shared memory), so keep-alive clients spread evenly. "
             '"kernel": every worker accepts as fast as it can and the kernel decides, which '
-            "on a lightly loaded pool often puts every connection on one worker.",
+            "on a lightly loaded pool often puts every connection on one worker; it accepts "
+            "in C rather than in Python, which costs less CPU per new connection when few "
+            "connections arrive at once (docs/benchmarks.md, new connection per request).",
         ),
         Reload.ROLLING,
     ] = "balanced"
