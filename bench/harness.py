@@ -221,6 +221,15 @@ def wrk(port: int, conc: int, secs: float, close: bool = False,
     }
 
 
+def summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a load cell's row holds over its repetitions: medians of req/s, p99 and server
+    CPU per request, failures summed, the repetitions themselves."""
+    return {"tool": reps[0]["tool"], "rps": med([r["rps"] for r in reps]),
+            "p99_ms": med([r["p99_ms"] for r in reps]),
+            "server_cpu_us": med([r.get("server_cpu_us") for r in reps]),
+            "failed": sum(r["failed"] for r in reps), "reps": reps}
+
+
 def pin(pids: Sequence[int], cpus: set[int]) -> None:
     """Every thread of ``pids`` allowed only on ``cpus`` (a process that exited is skipped)."""
     for pid in pids:
@@ -508,15 +517,10 @@ class Bench:
             for (peer, w, conc), reps in sorted(cells.items(), key=lambda kv: (
                     members.index(kv[0][0]), kv[0][1], kv[0][2])):
                 rows.append({"suite": suite.name, "peer": peer, "workers": w,
-                             "app": suite.app, "concurrency": conc,
-                             "tool": reps[0]["tool"],
-                             "rps": med([r["rps"] for r in reps]),
-                             "p99_ms": med([r["p99_ms"] for r in reps]),
-                             "server_cpu_us": med([r.get("server_cpu_us") for r in reps]),
+                             "app": suite.app, "concurrency": conc, **summary(reps),
                              "busiest_share": med([r.get("busiest_share") for r in reps]),
                              "busiest_conn_share": med([r.get("busiest_conn_share")
-                                                        for r in reps]),
-                             "failed": sum(r["failed"] for r in reps), "reps": reps})
+                                                        for r in reps])})
         return rows
 
     def newconn(self, names: list[str]) -> list[dict[str, Any]]:
@@ -532,10 +536,7 @@ class Bench:
         for (peer, w, conc), reps in sorted(cells.items(), key=lambda kv: (
                 names.index(kv[0][0]), kv[0][2])):
             rows.append({"peer": peer, "workers": w, "app": "hello", "concurrency": conc,
-                         "tool": reps[0]["tool"], "rps": med([r["rps"] for r in reps]),
-                         "p99_ms": med([r["p99_ms"] for r in reps]),
-                         "server_cpu_us": med([r.get("server_cpu_us") for r in reps]),
-                         "failed": sum(r["failed"] for r in reps), "reps": reps})
+                         **summary(reps)})
         return rows
 
     def placement(self, names: list[str]) -> list[dict[str, Any]]:
@@ -574,10 +575,7 @@ class Bench:
                 names.index(kv[0][0]), kv[0][2])):
             where, conc = cases[case]
             rows.append({"peer": peer, "workers": 1, "app": "hello", "placement": where,
-                         "concurrency": conc, "rps": med([r["rps"] for r in reps]),
-                         "p99_ms": med([r["p99_ms"] for r in reps]),
-                         "server_cpu_us": med([r.get("server_cpu_us") for r in reps]),
-                         "failed": sum(r["failed"] for r in reps), "reps": reps})
+                         "concurrency": conc, **summary(reps)})
         return rows
 
     def mastercpu(self, names: list[str]) -> list[dict[str, Any]]:

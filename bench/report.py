@@ -673,21 +673,22 @@ def _placement_section(res: dict[str, Any]) -> list[str]:
             "interleaved like them. req/s, median (server CPU per request, µs):"), "",
            "| peer | c | " + " | ".join(_PLACEMENT_NAMES[p] for p in places) + " |",
            "| --- | --- | " + " | ".join("---" for _ in places) + " |"]
-    for peer in dict.fromkeys(r["peer"] for r in rows):
-        for c in sorted({r["concurrency"] for r in rows}):
-            cells = []
-            for p in places:
-                r = next((x for x in rows if x["peer"] == peer and x["concurrency"] == c
-                          and x["placement"] == p), None)
-                cells.append("–" if r is None else
-                             f"{r['rps']:.0f} ({_f(r.get('server_cpu_us'))})")
-            out.append(f"| {peer} | {c} | " + " | ".join(cells) + " |")
-    out.append("")
+    concs = sorted({r["concurrency"] for r in rows})
+
+    def row(peer: str, where: str, c: int) -> dict[str, Any] | None:
+        return next((x for x in rows if x["peer"] == peer and x["placement"] == where
+                     and x["concurrency"] == c), None)
 
     def rps(peer: str, where: str, c: int) -> float | None:
-        r = next((x for x in rows if x["peer"] == peer and x["placement"] == where
-                  and x["concurrency"] == c), None)
+        r = row(peer, where, c)
         return None if r is None else r["rps"]
+
+    for peer in dict.fromkeys(r["peer"] for r in rows):
+        for c in concs:
+            cells = [("–" if r is None else f"{r['rps']:.0f} ({_f(r.get('server_cpu_us'))})")
+                     for r in (row(peer, p, c) for p in places)]
+            out.append(f"| {peer} | {c} | " + " | ".join(cells) + " |")
+    out.append("")
 
     same, apart = rps(APPLIANCE, "same", 1), rps(APPLIANCE, "apart", 1)
     if same and apart:
@@ -700,7 +701,7 @@ def _placement_section(res: dict[str, Any]) -> list[str]:
                  "happened to put wrk's threads and the workers."), ""]
     ratios = []
     for where in places:
-        for c in sorted({r["concurrency"] for r in rows}):
+        for c in concs:
             mine = rps(APPLIANCE, where, c)
             best = max((x for x in (rps(p, where, c) for p in PY_PEERS) if x), default=None)
             if mine and best:
