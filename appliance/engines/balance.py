@@ -13,7 +13,7 @@ accepts only while it has no more open connections than the least loaded other w
 accepts anyway after ``MAX_DEFER_S`` so that a stuck peer can never stall accepting.
 
 Every worker is woken for each new connection and only one gets it, so a wake-up first asks
-``poll()`` whether a connection is still queued: a failed ``accept()`` costs about ten times
+(a poll without waiting) whether a connection is still queued: a failed ``accept()`` costs about ten times
 as much (5 µs against 0.5 µs measured here, most of it the exception), and an empty queue is
 no reason to defer.
 
@@ -394,8 +394,6 @@ class Acceptor:
         self._accepted = _kinded(socket.socket, self._family, self._type)
         self._descriptor = _kinded(_Descriptor, self._family, self._type)
         self._light = descriptors and self._local_fixed
-        self._pending = select.poll()
-        self._pending.register(self._fd, select.POLLIN)
         self._closed_one = counter.closed
         self._closed = False
         self._deferring_since: float | None = None
@@ -443,12 +441,13 @@ class Acceptor:
                 self._registered = False
             return
         # Accept while we are (still) the least loaded, a few per wake-up: a burst of new
-        # connections then costs one callback, not one per connection. Ask poll() first
-        # whether one is waiting: every worker is woken for each connection and all but one
-        # find the queue empty, and so does the last round of a batch; a failed accept()
-        # costs ten times a poll(0), most of it the exception.
+        # connections then costs one callback, not one per connection. Ask the gate first
+        # whether one is waiting (we watch, so its entry asks for input): every worker is
+        # woken for each connection and all but one find the queue empty, and so does the
+        # last round of a batch; a failed accept() costs ten times a poll, most of it the
+        # exception.
         for _ in range(_BATCH):
-            if not self._pending.poll(0):
+            if not self._gate.poll(0, 1):
                 return  # nothing (left) to accept: another worker took it
             ok, self._deferring_since = may_accept(
                 self._counter.open,

@@ -252,9 +252,9 @@ def test_other_accept_errors_drop_that_connection_only() -> None:
 
 
 def test_a_wake_up_with_nothing_queued_neither_accepts_nor_defers() -> None:
-    """Every worker is woken for a connection that only one gets: the others ask poll() and
-    go back to waiting, without a failed accept() and without deferring, even when a peer is
-    less loaded."""
+    """Every worker is woken for a connection that only one gets: the others ask (without
+    waiting) and go back to waiting, without a failed accept() and without deferring, even
+    when a peer is less loaded."""
     loop, listener = _failing_listener()
     try:
         board = LoadBoard(capacity=2)
