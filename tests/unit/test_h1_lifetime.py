@@ -72,8 +72,10 @@ def _serve(
     client: Callable[[int], Awaitable[None]],
     *,
     wsgi: bool = False,
+    keep: list[HttpProtocol] | None = None,
 ) -> weakref.ref[HttpProtocol]:
-    """Serve one connection of ``client`` until the server saw it end; its protocol, weakly."""
+    """Serve one connection of ``client`` until the server saw it end; its protocol, weakly
+    (and in ``keep``, when given)."""
     made: list[weakref.ref[HttpProtocol]] = []
 
     async def main() -> None:
@@ -87,6 +89,8 @@ def _serve(
             protocol = HttpProtocol(config, state, {})
             protocol.on_lost = lost.set
             made.append(weakref.ref(protocol))
+            if keep is not None:
+                keep.append(protocol)
             return protocol
 
         server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
@@ -154,6 +158,15 @@ def test_a_request_whose_client_left_is_freed_when_its_app_returns(no_collector:
     protocol = _serve(_until_gone, leave)
     assert _cyclic_garbage() == []
     assert protocol() is None
+
+
+def test_every_attribute_of_the_protocol_has_a_slot() -> None:
+    """A connection's state lives in slots (see HttpProtocol.__slots__): an attribute set
+    without one would give every connection an instance dict again."""
+    kept: list[HttpProtocol] = []
+    _serve(_hello, _client(KEEP_ALIVE * 2, until_eof=False), keep=kept)
+    (protocol,) = kept
+    assert vars(protocol) == {}
 
 
 def test_a_handed_over_connection_reports_its_end_to_both_protocols_once() -> None:
