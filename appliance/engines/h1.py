@@ -92,6 +92,23 @@ STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
 #: control byte other than tab: either would let an app split the response.
 _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]').search
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]").search
+#: Response header names an app sent before and that were valid, lower-cased: an app sends
+#: the same few names with every response, and checking and lower-casing one cost more than
+#: the rest of its line. Bounded, for an app that makes names up.
+_FIELD_NAMES: dict[bytes, bytes] = {}
+_FIELD_NAMES_MAX = 256
+
+
+def _field_name(name: bytes) -> bytes:
+    """``name`` lower-cased, or ``RuntimeError`` for a name an app may not send."""
+    if _BAD_NAME(name):
+        raise RuntimeError("Invalid HTTP header name.")
+    lowered = name.lower()
+    if type(name) is bytes and len(_FIELD_NAMES) < _FIELD_NAMES_MAX:
+        _FIELD_NAMES[name] = lowered
+    return lowered
+
+
 #: ``_Cycle._expected`` of a body that the end of the connection delimits (HTTP/1.0).
 _UNTIL_CLOSE = -1
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
@@ -930,11 +947,13 @@ class _Cycle:
             keep_alive = self.keep_alive
             close_sent = False
             for name, value in message.get("headers", ()):
-                if _BAD_NAME(name):
-                    raise RuntimeError("Invalid HTTP header name.")
+                try:
+                    lowered = _FIELD_NAMES.get(name)
+                except TypeError:  # not bytes but a bytearray: unhashable, checked each time
+                    lowered = None
+                name = _field_name(name) if lowered is None else lowered
                 if _BAD_VALUE(value):
                     raise RuntimeError("Invalid HTTP header value.")
-                name = name.lower()
                 if name == b"content-length" and chunked is None:
                     expected = int(value.decode())
                     chunked = False

@@ -129,5 +129,7 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body", "body": b"01234"})
     elif path == "/bad-header":
         await _answer(send, b"bad\n", headers=[(b"x-bad", b"a\r\nx-injected: 1")])
+    elif path == "/bad-header-name":
+        await _answer(send, b"bad\n", headers=[(b"x-injected: 1\r\nx-bad", b"a")])
     else:
         await _answer(send, b"no such route\n", status=404)

@@ -1,9 +1,13 @@
-"""The corked transport of a response: one write per loop iteration, in order, bounded."""
+"""The corked transport of a response (one write per loop iteration, in order, bounded), and
+the known response field names."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from appliance.engines import h1
 from appliance.engines.h1 import CORK_LIMIT, _Corked, _Flusher
 
 
@@ -110,3 +114,21 @@ def test_the_worker_flushes_every_held_head_with_one_callback_per_iteration():
     assert [t.writes for _, t in pairs] == [[b"head 0"], [b"head 1 and body"], [b"head 2"]]
     pairs[0][0].write(b"next")  # a later iteration schedules again
     assert len(loop.soon) == 1
+
+
+def test_a_response_field_name_is_checked_once_then_known_lower_cased(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    known: dict[bytes, bytes] = {}
+    monkeypatch.setattr(h1, "_FIELD_NAMES", known)
+    monkeypatch.setattr(h1, "_FIELD_NAMES_MAX", 2)
+    assert h1._field_name(b"Content-Type") == b"content-type"
+    assert known == {b"Content-Type": b"content-type"}
+    for bad in (b"X Bad", b"X:Bad", b"X\r\nSet-Cookie", b"X\x00"):
+        with pytest.raises(RuntimeError, match="Invalid HTTP header name"):
+            h1._field_name(bad)
+    assert list(known) == [b"Content-Type"]  # only valid names are known
+    assert h1._field_name(bytearray(b"X-A")) == b"x-a"  # checked, not kept (unhashable)
+    h1._field_name(b"X-B")
+    h1._field_name(b"X-C")  # past the bound: checked every time
+    assert list(known) == [b"Content-Type", b"X-B"]
